@@ -1,0 +1,215 @@
+"""NCASpec: everything that defines an NCA except its weights, as a frozen, JSON-serialisable dataclass.
+
+Canonical conventions (importers permute published weights into them):
+
+* Perception is *blocked*: for each filter in ``spec.filters`` (in order) all C channels, so the
+  perception vector of a cell is ``[f0(c0..cC-1), f1(c0..cC-1), ...]`` of length ``F*C``.
+* Filters are explicit, already-scaled 3x3 tap arrays applied as a cross-correlation
+  (``taps[dy+1][dx+1]`` multiplies the neighbour at row offset dy, column offset dx), the same as
+  ``torch.nn.functional.conv2d`` and TensorFlow's ``depthwise_conv2d``.
+* The MLP weights follow ``nn.Linear``: ``w1 [hidden, F*C]``, ``w2 [C, hidden]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+Taps = Tuple[Tuple[float, float, float], Tuple[float, float, float], Tuple[float, float, float]]
+Range = Optional[Tuple[float, float]]
+
+PADDINGS = ("zeros", "circular", "replicate")
+ACTIVATIONS = ("relu",)
+RENDERS = ("rgba_premultiplied", "rgb_affine")
+SEED_KINDS = ("center", "zeros")
+
+_SOBEL = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+_LAPLACIAN = ((1.0, 2.0, 1.0), (2.0, -12.0, 2.0), (1.0, 2.0, 1.0))
+_IDENTITY = ((0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 0.0))
+
+
+def _transpose(t):
+    return tuple(tuple(t[c][r] for c in range(3)) for r in range(3))
+
+
+def _scaled(t, s):
+    return tuple(tuple(float(v) * s for v in row) for row in t)
+
+
+# name -> (unscaled taps, default scale). Sobel-y is the transpose of Sobel-x (d/d row).
+FILTER_PRESETS = {
+    "identity": (_IDENTITY, 1.0),
+    "sobel_x": (_SOBEL, 1.0 / 8.0),
+    "sobel_y": (_transpose(_SOBEL), 1.0 / 8.0),
+    "laplacian": (_LAPLACIAN, 1.0 / 8.0),
+}
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One 3x3 perception filter: ``taps`` are final (already scaled) values."""
+
+    name: str
+    taps: Taps
+
+    @classmethod
+    def preset(cls, name: str, scale: Optional[float] = None) -> "Filter":
+        if name not in FILTER_PRESETS:
+            raise ValueError(f"unknown filter preset {name!r}; known: {sorted(FILTER_PRESETS)}")
+        taps, default = FILTER_PRESETS[name]
+        return cls(name, _scaled(taps, default if scale is None else scale))
+
+    def __post_init__(self):
+        taps = tuple(tuple(float(v) for v in row) for row in self.taps)
+        if len(taps) != 3 or any(len(r) != 3 for r in taps):
+            raise ValueError(f"filter {self.name!r}: taps must be 3x3, got {self.taps!r}")
+        if not all(math.isfinite(v) for r in taps for v in r):
+            raise ValueError(f"filter {self.name!r}: taps must be finite")
+        object.__setattr__(self, "taps", taps)
+
+
+def _range(value, what) -> Range:
+    if value is None:
+        return None
+    lo, hi = (float(v) for v in value)
+    if not lo <= hi:
+        raise ValueError(f"{what} clamp must be (low, high) with low <= high, got {value!r}")
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class NCASpec:
+    """A complete description of one NCA architecture (weights live in :class:`nca_fast.NCA`).
+
+    Step semantics (see ``nca_fast.reference.step``)::
+
+        p   = clamp(perceive(x), perception_clamp)                 # [B, F*C, H, W], blocked order
+        h   = clamp(relu(w1 @ p + b1), hidden_clamp)               # [B, hidden, H, W]
+        dx  = clamp(w2 @ h + b2, update_clamp)                     # [B, C, H, W]
+        y   = clamp(x + step_size * dx * fire_mask, state_clamp)
+        y   = y * (alive(x) & alive(y))       if alive_channel is not None
+        alive(z) = maxpool3x3(z[:, alive_channel]) > alive_threshold  (padding as the filters)
+    """
+
+    channels: int
+    hidden: int
+    filters: Tuple[Filter, ...] = field(
+        default_factory=lambda: tuple(Filter.preset(n) for n in ("identity", "sobel_x", "sobel_y")))
+    padding: str = "zeros"
+    hidden_bias: bool = True
+    update_bias: bool = True
+    activation: str = "relu"
+    fire_rate: float = 0.5
+    step_size: float = 1.0
+    alive_channel: Optional[int] = 3
+    alive_threshold: float = 0.1
+    perception_clamp: Range = None
+    hidden_clamp: Range = None
+    update_clamp: Range = None
+    state_clamp: Range = None
+    # Image of the state: "rgba_premultiplied" -> rgb = 1 - clip(a) + rgb (channels 0..3);
+    # "rgb_affine" -> rgb = state[:3] * render_scale + render_offset.
+    render: str = "rgba_premultiplied"
+    render_scale: float = 1.0
+    render_offset: float = 0.0
+    seed_kind: str = "center"  # "center": zeros with x[alive_channel or 3:, H//2, W//2] = 1; "zeros"
+    name: str = ""
+
+    def __post_init__(self):
+        fix = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        fix("filters", tuple(f if isinstance(f, Filter) else Filter(**f) for f in self.filters))
+        for k in ("perception_clamp", "hidden_clamp", "update_clamp", "state_clamp"):
+            fix(k, _range(getattr(self, k), k.replace("_clamp", "")))
+        if not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+        if not isinstance(self.hidden, int) or self.hidden < 1:
+            raise ValueError(f"hidden must be a positive int, got {self.hidden!r}")
+        if not self.filters:
+            raise ValueError("an NCA needs at least one perception filter")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not 0.0 <= float(self.fire_rate) <= 1.0:
+            raise ValueError(f"fire_rate must be in [0, 1], got {self.fire_rate!r}")
+        if self.alive_channel is not None and not 0 <= self.alive_channel < self.channels:
+            raise ValueError(f"alive_channel {self.alive_channel} out of range for {self.channels} channels")
+        if self.render not in RENDERS:
+            raise ValueError(f"render must be one of {RENDERS}, got {self.render!r}")
+        need = 4 if self.render == "rgba_premultiplied" else 3
+        if self.channels < need:
+            raise ValueError(f"render {self.render!r} needs at least {need} channels, got {self.channels}")
+        if self.seed_kind not in SEED_KINDS:
+            raise ValueError(f"seed_kind must be one of {SEED_KINDS}, got {self.seed_kind!r}")
+        fix("fire_rate", float(self.fire_rate))
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def n_filters(self) -> int:
+        return len(self.filters)
+
+    @property
+    def perception_size(self) -> int:
+        return self.n_filters * self.channels
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.render == "rgba_premultiplied"
+
+    def parameter_shapes(self) -> dict:
+        """Weight name -> shape, in nn.Linear convention."""
+        shapes = {"w1": (self.hidden, self.perception_size), "w2": (self.channels, self.hidden)}
+        if self.hidden_bias:
+            shapes["b1"] = (self.hidden,)
+        if self.update_bias:
+            shapes["b2"] = (self.channels,)
+        return shapes
+
+    def flops_per_cell(self) -> int:
+        """Floating-point operations of one cell-update (2 per multiply-add)."""
+        mlp = 2 * (self.perception_size * self.hidden + self.hidden * self.channels)
+        perception = 2 * 9 * self.perception_size
+        return mlp + perception
+
+    # ---- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NCASpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown NCASpec fields: {sorted(unknown)}")
+        d = dict(d)
+        if "filters" in d:
+            d["filters"] = tuple(Filter(f["name"], f["taps"]) if isinstance(f, dict) else f for f in d["filters"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "NCASpec":
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any) -> "NCASpec":
+        return dataclasses.replace(self, **changes)
+
+
+def growing_spec(channels: int = 16, hidden: int = 128, **kw) -> NCASpec:
+    """The Distill *Growing NCA* architecture (identity, Sobel-x/8, Sobel-y/8; zero padding; alive mask)."""
+    return NCASpec(channels=channels, hidden=hidden, **kw)
+
+
+def texture_spec(channels: int = 12, hidden: int = 96, **kw) -> NCASpec:
+    """The Distill *Self-Organising Textures* architecture with its 8-bit-training clamps."""
+    base = dict(
+        filters=tuple(Filter.preset(n) for n in ("identity", "sobel_x", "sobel_y", "laplacian")),
+        padding="circular", alive_channel=None, perception_clamp=(-2.0, 2.0), hidden_clamp=(0.0, 2.0),
+        update_clamp=(-2.0, 2.0), state_clamp=(-2.0, 2.0), render="rgb_affine", render_scale=0.5,
+        render_offset=0.5, seed_kind="zeros")
+    base.update(kw)
+    return NCASpec(channels=channels, hidden=hidden, **base)
