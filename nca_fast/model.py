@@ -9,7 +9,7 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from . import reference, rng
+from . import cpu, reference, rng
 from .spec import NCASpec
 
 log = logging.getLogger("nca_fast")
@@ -109,15 +109,17 @@ class NCA(nn.Module):
             from . import ops
             return ops.fused_step(self, x, seed=seed, step=step, update_mask=update_mask,
                                   fire_rate=fire_rate, origin=origin)
-        return self._reference_step(x, seed, step, update_mask, fire_rate, origin)
+        return self._reference_step(x, seed, step, update_mask, fire_rate, origin, backend)
 
-    def _reference_step(self, x, seed, step, update_mask, fire_rate, origin):
+    def _reference_step(self, x, seed, step, update_mask, fire_rate, origin, backend="reference"):
+        """The reference step (``backend='cpu'``: the CPU fast path, tested against it)."""
         B, _, H, W = x.shape
         if update_mask is None:
             update_mask = rng.update_mask(B, H, W, seed=seed, step=step, fire_rate=fire_rate,
                                           origin=origin, device=x.device)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        y = reference.step(x.to(compute), self.params(compute), self.spec, update_mask)
+        step_fn = cpu.step if backend == "cpu" else reference.step
+        y = step_fn(x.to(compute), self.params(compute), self.spec, update_mask)
         return y.to(x.dtype)
 
     def frames(self, x: torch.Tensor, steps: int, *, seed: int = 0, start_step: int = 0,
@@ -140,7 +142,8 @@ class NCA(nn.Module):
                                         every=every, origin=origin)
             return
         for k in range(steps):
-            x = self._reference_step(x, seed, start_step + k, None, self.spec.fire_rate, origin)
+            x = self._reference_step(x, seed, start_step + k, None, self.spec.fire_rate, origin,
+                                     backend)
             if (k + 1) % every == 0:
                 yield k + 1, x
 
@@ -200,6 +203,7 @@ class NCA(nn.Module):
         return float(fire_rate)
 
     def _resolve_backend(self, backend: str, x: torch.Tensor) -> str:
+        """'reference', 'cpu' (the CPU fast path) or 'triton' for a requested backend."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "reference":
@@ -210,9 +214,10 @@ class NCA(nn.Module):
             if reason:
                 raise RuntimeError(f"backend='triton' cannot run here: {reason}")
             return "triton"
-        # auto: fused kernels on CUDA, the reference elsewhere.
+        # auto: fused kernels on CUDA; on a CPU the CPU fast path (float32) or the reference.
         if x.device.type != "cuda":
-            choice, why = "reference", f"state on {x.device.type}"
+            fast = x.device.type == "cpu" and x.dtype == torch.float32
+            choice, why = ("cpu" if fast else "reference"), f"state on {x.device.type}, {x.dtype}"
         elif reason:
             choice, why = "reference", reason
             warnings.warn(f"nca_fast: falling back to the reference path: {reason}", RuntimeWarning)
