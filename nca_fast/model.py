@@ -27,6 +27,9 @@ class NCA(nn.Module):
     that keeps the state bounded (a non-trivial NCA for tests and benchmarks, not a trained one).
     """
 
+    #: MLP precision of the fused kernels for float32 states: "tf32" (tensor cores) or "ieee" (full fp32).
+    fp32_matmul: str = "tf32"
+
     def __init__(self, spec: NCASpec, weights: Optional[Mapping[str, torch.Tensor]] = None, *,
                  init_seed: int = 0):
         super().__init__()
@@ -220,11 +223,12 @@ class NCA(nn.Module):
             choice, why = ("cpu" if fast else "reference"), f"state on {x.device.type}, {x.dtype}"
         elif reason:
             choice, why = "reference", reason
-            warnings.warn(f"nca_fast: falling back to the reference path: {reason}", RuntimeWarning)
+            if not torch.compiler.is_compiling():
+                warnings.warn(f"nca_fast: falling back to the reference path: {reason}", RuntimeWarning)
         else:
             choice, why = "triton", "state on cuda"
         key = (choice, why)
-        if key not in _logged_choices:
+        if key not in _logged_choices and not torch.compiler.is_compiling():
             _logged_choices.add(key)
             log.info("nca_fast backend='auto' chose %s (%s)", choice, why)
         return choice

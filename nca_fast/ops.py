@@ -1,15 +1,292 @@
-"""Launchers for the fused Triton kernels (not available yet: see issue 3)."""
+"""Launchers for the fused step kernels, the ``nca_fast::fused_step`` torch op, and fused rollouts.
+
+Layers: ``kernels/step.py`` (Triton only) -> this file (validation, weight packing, tile choice,
+buffers, the torch.library op) -> ``NCA.step/rollout(backend="triton")``.
+"""
 from __future__ import annotations
 
+import functools
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
 
-def unavailable_reason(model, x) -> str:
-    """Why the fused path cannot run ``model`` on ``x`` ('' when it can)."""
-    return "the fused Triton kernels are not available yet"
+import torch
+
+from . import rng
+from .spec import NCASpec
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_CHANNELS, MAX_HIDDEN = 64, 256
+_DOT_CODES = {"tf32": 0, "ieee": 1}
+_PAD_CODES = {"zeros": 0, "circular": 1, "replicate": 2}
 
 
-def fused_step(model, x, **kw):
-    raise RuntimeError(unavailable_reason(model, x))
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def fused_frames(model, x, steps, **kw):
-    raise RuntimeError(unavailable_reason(model, x))
+@functools.lru_cache(maxsize=None)
+def _triton_problem() -> str:
+    try:
+        import triton  # noqa: F401
+        from .kernels import step  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the installation
+        return f"triton is not usable: {e}"
+    return ""
+
+
+def unavailable_reason(model, x: torch.Tensor) -> str:
+    """Why the fused path cannot run ``model`` on state ``x`` ('' when it can)."""
+    problem = _triton_problem()
+    if problem:
+        return problem
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device) < (8, 0):
+            return f"the fused kernels need compute capability >= 8.0, {x.device} has " \
+                   f"{torch.cuda.get_device_capability(x.device)}"
+    elif not (x.device.type == "cpu" and interpreting()):
+        return f"state on {x.device.type}: the fused kernels run on CUDA devices " \
+               "(or on the CPU under TRITON_INTERPRET=1)"
+    spec = model.spec
+    if x.dtype not in KERNEL_DTYPES:
+        return f"state dtype {x.dtype} (the fused kernels take float32, float16 or bfloat16)"
+    if not 1 <= spec.channels <= MAX_CHANNELS:
+        return f"{spec.channels} channels (the fused kernels take 1-{MAX_CHANNELS})"
+    if not 1 <= spec.hidden <= MAX_HIDDEN:
+        return f"hidden width {spec.hidden} (the fused kernels take 1-{MAX_HIDDEN})"
+    if spec.channels * x.shape[2] * x.shape[3] >= 2**31:
+        return f"a {spec.channels}x{x.shape[2]}x{x.shape[3]} image exceeds the kernels' 32-bit indexing"
+    return ""
+
+
+# ---- configuration ---------------------------------------------------------------------------
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Everything that selects one compiled kernel (constexprs) plus its launch shape."""
+
+    C: int
+    CP: int
+    HP: int
+    F: int
+    NG: int  # filter groups of four
+    TAPS: Tuple[float, ...]  # [NG*4 filters][9 taps], zero padded
+    LOADS: Tuple[int, ...]  # [NG][9]: 0 nothing to load, 1 the neighbour's state, 2 only its alpha
+    PAD: int
+    ALPHA: int
+    ALIVE: bool
+    HAS_B1: bool
+    HAS_B2: bool
+    P_CLAMP: bool
+    H_CLAMP: bool
+    U_CLAMP: bool
+    S_CLAMP: bool
+    DOT: int
+    BH: int
+    BW: int
+    num_warps: int
+
+    def constexprs(self, pending: bool, has_mask: bool) -> dict:
+        d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "NG", "TAPS", "LOADS", "PAD", "ALPHA", "ALIVE",
+                                           "HAS_B1", "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP",
+                                           "S_CLAMP", "DOT", "BH", "BW")}
+        d.update(PENDING=pending and self.ALIVE, HAS_MASK=has_mask)
+        return d
+
+
+def dot_code(dtype: torch.dtype, fp32_matmul: str = "tf32") -> int:
+    if dtype == torch.float16:
+        return 2
+    if dtype == torch.bfloat16:
+        return 3
+    if fp32_matmul not in _DOT_CODES:
+        raise ValueError(f"fp32_matmul must be 'tf32' or 'ieee', got {fp32_matmul!r}")
+    return _DOT_CODES[fp32_matmul]
+
+
+def tile_shape(CP: int, HP: int) -> Tuple[int, int, int]:
+    """(BH, BW, num_warps): 32 cells along a row keep each channel's loads in whole 128-byte lines;
+    M = BH*BW cells are sized so the fp32 hidden accumulator [M, HP] stays at <= 64 registers per
+    thread (M*HP <= 64 * 32 * num_warps)."""
+    M = 128 if HP <= 128 else 64
+    if CP >= 64 and HP >= 128:
+        M = 64
+    num_warps = 4 if M * HP <= 8192 else 8
+    return M // 32, 32, num_warps
+
+
+def step_config(spec: NCASpec, dtype: torch.dtype, fp32_matmul: str = "tf32") -> StepConfig:
+    CP, HP = _pow2(spec.channels), _pow2(spec.hidden)
+    BH, BW, warps = tile_shape(CP, HP)
+    NG = -(-spec.n_filters // 4)
+    taps = [float(v) for f in spec.filters for row in f.taps for v in row]
+    taps += [0.0] * (NG * 36 - len(taps))
+    alive = spec.alive_channel is not None
+    loads = []
+    for g in range(NG):
+        for k in range(9):
+            has_tap = any(taps[(4 * g + f) * 9 + k] != 0.0 for f in range(4))
+            loads.append(1 if has_tap else (2 if alive and g == 0 else 0))
+    return StepConfig(
+        C=spec.channels, CP=CP, HP=HP, F=spec.n_filters, NG=NG, TAPS=tuple(taps), LOADS=tuple(loads),
+        PAD=_PAD_CODES[spec.padding], ALPHA=spec.alive_channel if spec.alive_channel is not None else 0,
+        ALIVE=spec.alive_channel is not None, HAS_B1=spec.hidden_bias, HAS_B2=spec.update_bias,
+        P_CLAMP=spec.perception_clamp is not None, H_CLAMP=spec.hidden_clamp is not None,
+        U_CLAMP=spec.update_clamp is not None, S_CLAMP=spec.state_clamp is not None,
+        DOT=dot_code(dtype, fp32_matmul), BH=BH, BW=BW, num_warps=warps)
+
+
+def pack_weights(params: Dict[str, torch.Tensor], spec: NCASpec, dtype: torch.dtype, device):
+    """Kernel layout: w1 [F, CP, HP] and w2 [HP, CP] in the dot dtype (zero padded), biases fp32."""
+    C, F_, CP, HP = spec.channels, spec.n_filters, _pow2(spec.channels), _pow2(spec.hidden)
+    wdt = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    w1 = torch.zeros(F_, CP, HP, dtype=wdt, device=device)
+    w1[:, :C, :spec.hidden] = params["w1"].detach().t().reshape(F_, C, spec.hidden)
+    w2 = torch.zeros(HP, CP, dtype=wdt, device=device)
+    w2[:spec.hidden, :C] = params["w2"].detach().t()
+    b1 = torch.zeros(HP, dtype=torch.float32, device=device)
+    b2 = torch.zeros(CP, dtype=torch.float32, device=device)
+    if "b1" in params:
+        b1[:spec.hidden] = params["b1"].detach()
+    if "b2" in params:
+        b2[:C] = params["b2"].detach()
+    return w1, b1, w2, b2
+
+
+def _grid_programs(n_tiles: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one after another: one persistent program
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_tiles, sms * 4))
+
+
+def _seed_word(seed: int) -> int:
+    return seed - 2**64 if seed >= 2**63 else seed  # the same 64 bits as a signed int64
+
+
+def counter_tensor(seed: int, step: int, device) -> torch.Tensor:
+    """int64 [2] = (seed, base step): read by the kernel, so captured graphs can be re-pointed."""
+    return torch.tensor([_seed_word(seed), step], dtype=torch.int64, device=device)
+
+
+def _clamp_args(spec: NCASpec):
+    out = []
+    for r in (spec.perception_clamp, spec.hidden_clamp, spec.update_clamp, spec.state_clamp):
+        out += list(r) if r is not None else [0.0, 0.0]
+    return out
+
+
+def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_pre, ctr, *,
+                step_offset: int = 0, origin=(0, 0), batch_offset: int = 0, fire_rate: float,
+                update_mask: Optional[torch.Tensor] = None, pending: bool = False) -> None:
+    """One fused step ``src -> dst`` (and alive ``dst_pre`` for alive models). ``pending``: src is
+    in the pending form (see kernels/step.py) with its alive bytes in ``src_pre``."""
+    from .kernels.step import nca_step_kernel
+
+    B, C, H, W = src.shape
+    n_tw, n_th = -(-W // cfg.BW), -(-H // cfg.BH)
+    n_tiles = B * n_th * n_tw
+    w1, b1, w2, b2 = packed
+    dummy = dst_pre if dst_pre is not None else ctr
+    mask = update_mask.view(torch.uint8) if update_mask is not None else dummy
+    nca_step_kernel[(_grid_programs(n_tiles, src.device),)](
+        src, src_pre if src_pre is not None else dummy, dst, dst_pre if dst_pre is not None else dummy,
+        mask, ctr, w1, b1, w2, b2,
+        B, H, W, n_tw, n_th * n_tw, n_tiles,
+        step_offset, int(origin[0]), int(origin[1]), batch_offset, rng.fire_threshold(fire_rate),
+        float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
+        num_warps=cfg.num_warps, **cfg.constexprs(pending, update_mask is not None))
+
+
+def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst) -> None:
+    from .kernels.step import nca_finalize_kernel
+
+    B, C, H, W = src.shape
+    n_tw, n_th = -(-W // cfg.BW), -(-H // cfg.BH)
+    n_tiles = B * n_th * n_tw
+    nca_finalize_kernel[(_grid_programs(n_tiles, src.device),)](
+        src, src_pre, dst, H, W, n_tw, n_th * n_tw, n_tiles, float(spec.alive_threshold),
+        C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW, num_warps=4)
+
+
+# ---- the torch op ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _spec_from_json(spec_json: str) -> NCASpec:
+    return NCASpec.from_json(spec_json)
+
+
+@torch.library.custom_op("nca_fast::fused_step", mutates_args=())
+def fused_step_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                  b2: torch.Tensor, ctr: torch.Tensor, update_mask: Optional[torch.Tensor],
+                  spec_json: str, fire_rate: float, row0: int, col0: int, fp32_matmul: str) -> torch.Tensor:
+    """One fused step of the NCA described by ``spec_json`` with packed weights (see pack_weights);
+    ``ctr`` = int64 [seed, step] on x's device. Works under torch.compile(fullgraph) and CUDA graphs."""
+    spec = _spec_from_json(spec_json)
+    cfg = step_config(spec, x.dtype, fp32_matmul)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    packed = (w1, b1, w2, b2)
+    if cfg.ALIVE:
+        y = torch.empty_like(x)
+        pre = torch.empty(x.shape[0], x.shape[2], x.shape[3], dtype=torch.uint8, device=x.device)
+        launch_step(cfg, spec, packed, x, None, y, pre, ctr, origin=(row0, col0), fire_rate=fire_rate,
+                    update_mask=update_mask)
+        launch_finalize(cfg, spec, y, pre, out)
+    else:
+        launch_step(cfg, spec, packed, x, None, out, None, ctr, origin=(row0, col0),
+                    fire_rate=fire_rate, update_mask=update_mask)
+    return out
+
+
+@fused_step_op.register_fake
+def _(x, w1, b1, w2, b2, ctr, update_mask, spec_json, fire_rate, row0, col0, fp32_matmul):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# ---- entry points used by NCA ----------------------------------------------------------------
+def packed_weights(model, dtype: torch.dtype):
+    """Packed weights for ``dtype``, cached on the model until its parameters change."""
+    params = model.params()
+    key = (dtype, model.w1.device, tuple((p.data_ptr(), p._version) for p in params.values()))
+    cache = model.__dict__.setdefault("_packed_cache", {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = pack_weights(params, model.spec, dtype, model.w1.device)
+    return cache[key]
+
+
+def fused_step(model, x, *, seed: int, step: int, update_mask, fire_rate: float, origin) -> torch.Tensor:
+    w1, b1, w2, b2 = packed_weights(model, x.dtype)
+    ctr = counter_tensor(seed, step, x.device)
+    return fused_step_op(x, w1, b1, w2, b2, ctr, update_mask, model.spec.to_json(), float(fire_rate),
+                         int(origin[0]), int(origin[1]), model.fp32_matmul)
+
+
+@torch.no_grad()
+def fused_frames(model, x, steps: int, *, seed: int, start_step: int, every: int,
+                 origin) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Rollout with two state buffers (ping-pong) and, for alive models, two mask-byte buffers: one
+    launch per step plus one ``finalize`` per yielded frame. The yielded tensor is reused."""
+    spec = model.spec
+    cfg = step_config(spec, x.dtype, model.fp32_matmul)
+    packed = packed_weights(model, x.dtype)
+    ctr = counter_tensor(seed, start_step, x.device)
+    bufs = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
+    pres = [torch.empty(x.shape[0], x.shape[2], x.shape[3], dtype=torch.uint8, device=x.device)
+            for _ in range(2)] if cfg.ALIVE else [None, None]
+    out = torch.empty_like(bufs[0]) if cfg.ALIVE else None
+    src, src_pre = x.contiguous(), None
+    for k in range(steps):
+        dst, dst_pre = bufs[k % 2], pres[k % 2]
+        launch_step(cfg, spec, packed, src, src_pre, dst, dst_pre, ctr, step_offset=k, origin=origin,
+                    fire_rate=spec.fire_rate, pending=k > 0)
+        src, src_pre = dst, dst_pre
+        if (k + 1) % every == 0:
+            if cfg.ALIVE:
+                launch_finalize(cfg, spec, src, src_pre, out)
+                yield k + 1, out
+            else:
+                yield k + 1, src
