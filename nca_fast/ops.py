@@ -98,10 +98,12 @@ class StepConfig:
 
 
 def dot_code(dtype: torch.dtype, fp32_matmul: str = "tf32") -> int:
+    """0: fp32 operands, TF32 dot; 1: full fp32; 2: fp16 operands; 3: bf16 operands (fp32 accumulate).
+    The interpreter has no bf16 arithmetic: there a bf16 state runs its MLP in fp32."""
     if dtype == torch.float16:
         return 2
     if dtype == torch.bfloat16:
-        return 3
+        return 1 if interpreting() else 3
     if fp32_matmul not in _DOT_CODES:
         raise ValueError(f"fp32_matmul must be 'tf32' or 'ieee', got {fp32_matmul!r}")
     return _DOT_CODES[fp32_matmul]
@@ -139,10 +141,10 @@ def step_config(spec: NCASpec, dtype: torch.dtype, fp32_matmul: str = "tf32") ->
         DOT=dot_code(dtype, fp32_matmul), BH=BH, BW=BW, num_warps=warps)
 
 
-def pack_weights(params: Dict[str, torch.Tensor], spec: NCASpec, dtype: torch.dtype, device):
+def pack_weights(params: Dict[str, torch.Tensor], spec: NCASpec, dot: int, device):
     """Kernel layout: w1 [F, CP, HP] and w2 [HP, CP] in the dot dtype (zero padded), biases fp32."""
     C, F_, CP, HP = spec.channels, spec.n_filters, _pow2(spec.channels), _pow2(spec.hidden)
-    wdt = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    wdt = {2: torch.float16, 3: torch.bfloat16}.get(dot, torch.float32)
     w1 = torch.zeros(F_, CP, HP, dtype=wdt, device=device)
     w1[:, :C, :spec.hidden] = params["w1"].detach().t().reshape(F_, C, spec.hidden)
     w2 = torch.zeros(HP, CP, dtype=wdt, device=device)
@@ -248,20 +250,21 @@ def _(x, w1, b1, w2, b2, ctr, update_mask, spec_json, fire_rate, row0, col0, fp3
 
 # ---- entry points used by NCA ----------------------------------------------------------------
 def packed_weights(model, dtype: torch.dtype):
-    """Packed weights for ``dtype``, cached on the model until its parameters change."""
+    """Packed weights for a ``dtype`` state, cached on the model until its parameters change."""
     params = model.params()
-    key = (dtype, model.w1.device, tuple((p.data_ptr(), p._version) for p in params.values()))
+    dot = dot_code(dtype, model.fp32_matmul)
+    key = (dot, model.w1.device, tuple((p.data_ptr(), p._version) for p in params.values()))
     cache = model.__dict__.setdefault("_packed_cache", {})
     if key not in cache:
         cache.clear()
-        cache[key] = pack_weights(params, model.spec, dtype, model.w1.device)
+        cache[key] = pack_weights(params, model.spec, dot, model.w1.device)
     return cache[key]
 
 
 def fused_step(model, x, *, seed: int, step: int, update_mask, fire_rate: float, origin) -> torch.Tensor:
     w1, b1, w2, b2 = packed_weights(model, x.dtype)
     ctr = counter_tensor(seed, step, x.device)
-    return fused_step_op(x, w1, b1, w2, b2, ctr, update_mask, model.spec.to_json(), float(fire_rate),
+    return fused_step_op(x, w1, b1, w2, b2, ctr, update_mask, model.spec.json, float(fire_rate),
                          int(origin[0]), int(origin[1]), model.fp32_matmul)
 
 

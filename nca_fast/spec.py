@@ -144,6 +144,12 @@ class NCASpec:
         if self.seed_kind not in SEED_KINDS:
             raise ValueError(f"seed_kind must be one of {SEED_KINDS}, got {self.seed_kind!r}")
         fix("fire_rate", float(self.fire_rate))
+        fix("_json", self.to_json(sort_keys=True))  # the op's key: computed once, outside any trace
+
+    @property
+    def json(self) -> str:
+        """The spec as canonical JSON (cached)."""
+        return self._json
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property

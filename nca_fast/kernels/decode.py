@@ -71,13 +71,14 @@ def _axis(idx, n_in, n_out, circular):
 
 
 @triton.jit
-def lppn_kernel(x_ptr, out_ptr, w0_ptr, b0_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
-                C, H, W, Ho, Wo, K, E, N_FREQ, N_HID_LAYERS, CIRCULAR,
+def lppn_kernel(proj_ptr, out_ptr, w0_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
+                H, W, Ho, Wo, K, N_FREQ, N_HID_LAYERS, CIRCULAR,
                 HID: tl.constexpr, BLOCK_P: tl.constexpr, DOT_FP16: tl.constexpr):
-    """x [B, C, H, W] fp32 -> out [B, K, Ho, Wo]. Grid (cdiv(Ho*Wo, BLOCK_P), B).
+    """proj [B, H, W, HID] fp32 (layer 0 applied per cell) -> out [B, K, Ho, Wo].
+    Grid (cdiv(Ho*Wo, BLOCK_P), B).
 
-    w0 [E + C, HID] (encoding rows first, as the SIREN input), b0 [HID], wh [L-1, HID, HID],
-    bh [L-1, HID], wo [HID, K_PAD], bo [K_PAD]: omega-folded, transposed, zero-padded."""
+    w0 [E, HID]: layer 0's coordinate-encoding rows; wh [L-1, HID, HID], bh [L-1, HID],
+    wo [HID, K_PAD], bo [K_PAD]; all omega-folded, transposed, zero-padded."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -88,47 +89,41 @@ def lppn_kernel(x_ptr, out_ptr, w0_ptr, b0_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
     x0, x1, wx, lx = _axis(px, W, Wo, CIRCULAR)
     hcol = tl.arange(0, HID)
 
-    # Layer 0 in exact fp32 as rank-1 updates (its K = E + C is small and its omega-scaled weights
-    # are large, so tensor-core rounding would show). Coordinates first: [y, x] or
-    # [sin(pi k y), sin(pi k x)]_k=1..N then [cos(pi k y), cos(pi k x)]_k.
-    acc = tl.zeros((BLOCK_P, HID), dtype=tl.float32) + tl.load(b0_ptr + hcol)[None, :]
+    # Layer 0 in exact fp32 (its omega-scaled weights are large, tensor-core rounding would show).
+    # Coordinate part as rank-1 updates: [y, x] or [sin(pi k y), sin(pi k x)]_k=1..N, [cos ...]_k.
+    m2 = pmask[:, None]
+    acc = tl.zeros((BLOCK_P, HID), dtype=tl.float32)
     if N_FREQ == 0:
         acc += ly[:, None] * tl.load(w0_ptr + hcol)[None, :]
         acc += lx[:, None] * tl.load(w0_ptr + HID + hcol)[None, :]
     for f in range(N_FREQ):
-        a = 3.141592653589793 * (f + 1)
+        fr = 3.141592653589793 * (f + 1)
         ry = 2 * f * HID
         rc = (2 * N_FREQ + 2 * f) * HID
-        acc += fast_sin(a * ly)[:, None] * tl.load(w0_ptr + ry + hcol)[None, :]
-        acc += fast_sin(a * lx)[:, None] * tl.load(w0_ptr + ry + HID + hcol)[None, :]
-        acc += fast_sin(a * ly + 1.5707963267948966)[:, None] * tl.load(w0_ptr + rc + hcol)[None, :]
-        acc += fast_sin(a * lx + 1.5707963267948966)[:, None] * tl.load(w0_ptr + rc + HID + hcol)[None, :]
-    # state: bilinear sample of each channel (4 cells), then a rank-1 update
-    xb = x_ptr + b * C * H * W
-    o00 = y0 * W + x0
-    o01 = y0 * W + x1
-    o10 = y1 * W + x0
-    o11 = y1 * W + x1
-    for c in range(C):
-        xc = xb + c * H * W
-        v00 = tl.load(xc + o00, mask=pmask, other=0.0)
-        v01 = tl.load(xc + o01, mask=pmask, other=0.0)
-        v10 = tl.load(xc + o10, mask=pmask, other=0.0)
-        v11 = tl.load(xc + o11, mask=pmask, other=0.0)
-        top = v00 + (v01 - v00) * wx
-        bot = v10 + (v11 - v10) * wx
-        z = top + (bot - top) * wy
-        acc += z[:, None] * tl.load(w0_ptr + (E + c) * HID + hcol)[None, :]
+        acc += fast_sin(fr * ly)[:, None] * tl.load(w0_ptr + ry + hcol)[None, :]
+        acc += fast_sin(fr * lx)[:, None] * tl.load(w0_ptr + ry + HID + hcol)[None, :]
+        acc += fast_sin(fr * ly + 1.5707963267948966)[:, None] * tl.load(w0_ptr + rc + hcol)[None, :]
+        acc += fast_sin(fr * lx + 1.5707963267948966)[:, None] * tl.load(w0_ptr + rc + HID + hcol)[None, :]
+    # state: layer 0's state part was applied per cell (proj = x @ W0s^T + b0, exact because the
+    # bilinear weights sum to 1), so sampling the HID-wide projected cells finishes layer 0.
+    pb = proj_ptr + b * H * W * HID + hcol[None, :]
+    v00 = tl.load(pb + ((y0 * W + x0) * HID)[:, None], mask=m2, other=0.0)
+    v01 = tl.load(pb + ((y0 * W + x1) * HID)[:, None], mask=m2, other=0.0)
+    v10 = tl.load(pb + ((y1 * W + x0) * HID)[:, None], mask=m2, other=0.0)
+    v11 = tl.load(pb + ((y1 * W + x1) * HID)[:, None], mask=m2, other=0.0)
+    top = v00 + (v01 - v00) * wx[:, None]
+    bot = v10 + (v11 - v10) * wx[:, None]
+    acc += top + (bot - top) * wy[:, None]
     h = fast_sin(acc)
 
     for layer in range(N_HID_LAYERS):
         wl = tl.load(wh_ptr + layer * HID * HID + hcol[:, None] * HID + hcol[None, :])
         bl = tl.load(bh_ptr + layer * HID + hcol)
         if DOT_FP16:
-            a = tl.dot(h.to(tl.float16), wl)
+            pre = tl.dot(h.to(tl.float16), wl)
         else:
-            a = tl.dot(h, wl, input_precision="tf32x3")
-        h = fast_sin(a + bl[None, :])
+            pre = tl.dot(h, wl, input_precision="tf32x3")
+        h = fast_sin(pre + bl[None, :])
 
     kcol = tl.arange(0, K_PAD)
     wo = tl.load(wo_ptr + hcol[:, None] * K_PAD + kcol[None, :])
@@ -217,10 +212,10 @@ def compile_configs():
         launch = lppn_launch(hid)
         for fp16 in (False, True):
             wdt = "*fp16" if fp16 else "*fp32"
-            sig = {"x_ptr": "*fp32", "out_ptr": wdt, "w0_ptr": "*fp32", "b0_ptr": "*fp32",
+            sig = {"proj_ptr": "*fp32", "out_ptr": wdt, "w0_ptr": "*fp32",
                    "wh_ptr": wdt, "bh_ptr": "*fp32", "wo_ptr": wdt, "bo_ptr": "*fp32",
-                   "C": "i32", "H": "i32", "W": "i32", "Ho": "i32", "Wo": "i32", "K": "i32",
-                   "E": "i32", "N_FREQ": "i32", "N_HID_LAYERS": "i32", "CIRCULAR": "i32",
+                   "H": "i32", "W": "i32", "Ho": "i32", "Wo": "i32", "K": "i32",
+                   "N_FREQ": "i32", "N_HID_LAYERS": "i32", "CIRCULAR": "i32",
                    "HID": "constexpr", "BLOCK_P": "constexpr", "DOT_FP16": "constexpr"}
             cfgs.append(KernelConfig(
                 f"lppn_h{hid}_{'fp16' if fp16 else 'fp32'}", lppn_kernel, sig,

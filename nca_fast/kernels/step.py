@@ -279,3 +279,52 @@ def nca_finalize_kernel(src, src_pre, dst, H, W, n_tiles_w, tiles_per_image, n_t
                         C, ALPHA, PAD, True)
         out = chan[None, :] * HW + (i * W + j)[:, None]
         tl.store(dst + image + out, x.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
+
+
+# ---- every configuration the dispatcher (nca_fast.ops.step_config) can pick ----------------------
+_SCALARS_I32 = ("B", "H", "W", "n_tiles_w", "tiles_per_image", "n_tiles", "step_offset", "row0", "col0",
+                "batch0", "fire_threshold")
+_SCALARS_F32 = ("threshold", "step_size", "p_lo", "p_hi", "h_lo", "h_hi", "u_lo", "u_hi", "s_lo", "s_hi")
+_PTR = {2: "*fp16", 3: "*bf16"}
+
+
+def compile_configs():
+    """KernelConfigs covering every tile shape / warp count (``ops.tile_shape``) times every MLP
+    precision, in their most demanding variant (pending alive form, all clamps), plus finalize."""
+    from ..ops import step_config
+    from ..spec import NCASpec, growing_spec, texture_spec
+    from .compile import KernelConfig
+
+    import torch
+
+    dtypes = {"tf32": (torch.float32, "tf32"), "ieee": (torch.float32, "ieee"),
+              "fp16": (torch.float16, "tf32"), "bf16": (torch.bfloat16, "tf32")}
+    specs = {  # one spec per tile_shape branch (CP, HP) -> (BH, BW, warps)
+        "growing-16x128": growing_spec(),
+        "texture-12x96": texture_spec(),
+        "min-4x16": NCASpec(channels=4, hidden=16, padding="replicate"),
+        "mid-32x64": texture_spec(channels=32, hidden=64),
+        "max-64x256": growing_spec(channels=64, hidden=256, padding="circular",
+                                   perception_clamp=(-2, 2), update_clamp=(-1, 1), state_clamp=(-3, 3)),
+    }
+    configs = []
+    for sname, spec in specs.items():
+        for dname, (dtype, mm) in dtypes.items():
+            cfg = step_config(spec, dtype, mm)
+            ptr = _PTR.get(cfg.DOT, "*fp32")
+            sig = {"src": ptr, "src_pre": "*u8", "dst": ptr, "dst_pre": "*u8", "fire_mask": "*u8",
+                   "ctr": "*i64", "w1": ptr, "b1": "*fp32", "w2": ptr, "b2": "*fp32"}
+            sig.update({n: "i32" for n in _SCALARS_I32})
+            sig.update({n: "fp32" for n in _SCALARS_F32})
+            ce = cfg.constexprs(pending=True, has_mask=False)
+            sig.update({n: "constexpr" for n in ce})
+            configs.append(KernelConfig(f"step/{sname}/{dname}", nca_step_kernel, sig, ce,
+                                        num_warps=cfg.num_warps, note=f"tile {cfg.BH}x{cfg.BW}"))
+            if cfg.ALIVE and dname != "ieee":  # finalize has no MLP: only the pointer type varies
+                fsig = {"src": ptr, "src_pre": "*u8", "dst": ptr, "H": "i32", "W": "i32", "n_tiles_w": "i32",
+                        "tiles_per_image": "i32", "n_tiles": "i32", "threshold": "fp32"}
+                fce = dict(C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW)
+                fsig.update({n: "constexpr" for n in fce})
+                configs.append(KernelConfig(f"finalize/{sname}/{dname}", nca_finalize_kernel, fsig, fce,
+                                            num_warps=4, note=f"tile {cfg.BH}x{cfg.BW}"))
+    return configs

@@ -1,0 +1,207 @@
+"""The fused Triton step against the reference, under the Triton interpreter on the CPU.
+
+Tolerance (float32): the interpreter computes tl.dot in exact fp32, so the fused step differs from the
+reference only by summation order: perception sums <= 9 taps, the MLP K <= 4*64 and 256 terms, of
+O(1) values -> a few ulp of the largest partial sum; 1e-5 absolute on states of O(1) leaves an order
+of magnitude of margin while catching any wrong tap, weight or mask (errors >= 1e-3). 16-bit states
+round the state (and the dot operands) to 11 / 8 significant bits: tolerances are set from that.
+On a GPU, TF32 dots are checked by benchmarks/gpu_check.py instead.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import nca_fast as nf  # noqa: E402
+from nca_fast import ops, rng  # noqa: E402
+from nca_fast.spec import Filter, NCASpec  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not ops.interpreting() and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 (set by this module) or a CUDA device")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+
+def random_spec(g: torch.Generator, **over) -> NCASpec:
+    """A random architecture: channels 4-64, hidden 16-256, 1-5 filters (random taps included)."""
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
+    C = pick([4, 5, 12, 16, 23])
+    names = pick([("identity", "sobel_x", "sobel_y"), ("identity", "sobel_x", "sobel_y", "laplacian"),
+                  ("identity",), ("sobel_y", "laplacian")])
+    filters = [Filter.preset(n) for n in names]
+    if pick([False, True]):
+        filters.append(Filter("random", tuple(map(tuple, torch.randn(3, 3, generator=g).tolist()))))
+    clamps = pick([False, True])
+    d = dict(channels=C, hidden=pick([16, 40, 96, 128]), filters=tuple(filters),
+             padding=pick(["zeros", "circular", "replicate"]), hidden_bias=pick([True, False]),
+             update_bias=pick([True, False]), fire_rate=pick([0.25, 0.5, 1.0]), step_size=pick([1.0, 0.5]),
+             alive_channel=pick([None, 3]),
+             perception_clamp=(-1.0, 1.0) if clamps else None, hidden_clamp=(0.0, 2.0) if clamps else None,
+             update_clamp=(-0.05, 0.05) if clamps else None, state_clamp=(-1.5, 1.5) if clamps else None)
+    d.update(over)
+    return NCASpec(**d)
+
+
+def random_model(spec: NCASpec, g: torch.Generator) -> nf.NCA:
+    w = {n: torch.randn(s, generator=g) * (1.0 / math.sqrt(s[-1]) if len(s) == 2 else 0.1)
+         for n, s in spec.parameter_shapes().items()}
+    m = nf.NCA(spec, w).to(DEVICE)
+    m.fp32_matmul = "ieee"
+    return m
+
+
+def random_state(spec: NCASpec, g: torch.Generator, B=3, H=13, W=21) -> torch.Tensor:
+    x = torch.randn(B, spec.channels, H, W, generator=g) * 0.5
+    if spec.alive_channel is not None:  # a mix of live and dead cells so both alive masks matter
+        live = torch.rand(B, H, W, generator=g) < 0.08
+        x[:, spec.alive_channel] = live * torch.rand(B, H, W, generator=g) * 0.5
+    return x.to(DEVICE)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_fused_step_matches_reference_on_random_specs(case):
+    g = torch.Generator().manual_seed(1000 + case)
+    spec = random_spec(g)
+    model, x = random_model(spec, g), random_state(spec, g)
+    y = model.step(x, seed=case, step=7, backend="triton")
+    r = model.step(x, seed=case, step=7, backend="reference")
+    torch.testing.assert_close(y, r, atol=1e-5, rtol=1e-5)
+    if spec.alive_channel is not None:  # the alive masks really killed cells
+        assert (r.abs().sum(1) == 0).any()
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular", "replicate"])
+def test_fused_rollout_matches_reference(padding):
+    """Several steps exercise the pending alive form (the next step materialises the last one's
+    alive masks on the fly) and the in-kernel masks of successive steps."""
+    g = torch.Generator().manual_seed(7)
+    spec = nf.growing_spec(padding=padding)
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=2, H=9, W=19)
+    y = model.rollout(x, 3, seed=3, start_step=11, backend="triton")
+    r = model.rollout(x, 3, seed=3, start_step=11, backend="reference")
+    torch.testing.assert_close(y, r, atol=2e-5, rtol=2e-5)
+    frames = model.rollout(x, 3, seed=3, start_step=11, every=1, backend="triton")
+    torch.testing.assert_close(frames[-1], y, atol=0, rtol=0)
+
+
+def test_in_kernel_masks_are_bit_identical():
+    """With w = 0 and b2 = 1 the update is exactly the fire mask: y - x == mask, bit for bit."""
+    spec = NCASpec(channels=4, hidden=16, alive_channel=None, hidden_bias=False, fire_rate=0.37)
+    w = {"w1": torch.zeros(16, 12), "w2": torch.zeros(4, 16), "b2": torch.ones(4)}
+    model = nf.NCA(spec, w).to(DEVICE)
+    x = torch.zeros(3, 4, 13, 21, device=DEVICE)
+    for seed, step, origin in [(0, 0, (0, 0)), (2**40 + 5, 2**32 - 1, (-7, 1000))]:
+        y = model.step(x, seed=seed, step=step, origin=origin, backend="triton")
+        mask = rng.update_mask(3, 13, 21, seed=seed, step=step, fire_rate=0.37, origin=origin, device=DEVICE)
+        assert torch.equal(y != 0, mask.expand_as(y))
+        assert 0.2 < mask.float().mean() < 0.55
+
+
+def test_explicit_update_mask_and_fire_rate_override():
+    g = torch.Generator().manual_seed(3)
+    spec = nf.growing_spec()
+    model, x = random_model(spec, g), random_state(spec, g)
+    mask = torch.rand(3, 1, 13, 21, generator=g).to(DEVICE) < 0.5
+    torch.testing.assert_close(model.step(x, update_mask=mask, backend="triton"),
+                               model.step(x, update_mask=mask, backend="reference"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.step(x, fire_rate=1.0, backend="triton"),
+                               model.step(x, fire_rate=1.0, backend="reference"), atol=1e-5, rtol=1e-5)
+
+
+def test_output_buffers_poisoned_with_nan_are_fully_written():
+    """Every output cell (odd sizes, edge tiles, the mask bytes) is written by the launcher."""
+    g = torch.Generator().manual_seed(5)
+    spec = nf.growing_spec()
+    model, x = random_model(spec, g), random_state(spec, g, B=2, H=5, W=35)
+    cfg = ops.step_config(spec, x.dtype, "ieee")
+    packed = ops.packed_weights(model, x.dtype)
+    y = torch.full_like(x, float("nan"))
+    pre = torch.full((2, 5, 35), 255, dtype=torch.uint8, device=DEVICE)
+    out = torch.full_like(x, float("nan"))
+    ops.launch_step(cfg, spec, packed, x, None, y, pre, ops.counter_tensor(1, 2, DEVICE), fire_rate=0.5)
+    ops.launch_finalize(cfg, spec, y, pre, out)
+    assert torch.isfinite(out).all() and (pre <= 1).all()
+    torch.testing.assert_close(out, model.step(x, seed=1, step=2, backend="reference"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float16, 2e-2, 2e-2), (torch.bfloat16, 1e-1, 5e-2)])
+def test_16bit_states(dtype, atol, rtol):
+    g = torch.Generator().manual_seed(11)
+    spec = nf.texture_spec()
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=2, H=7, W=17)
+    y = model.step(x.to(dtype), seed=1, backend="triton")
+    assert y.dtype == dtype
+    r = model.step(x.double(), seed=1, backend="reference")
+    torch.testing.assert_close(y.double(), r, atol=atol, rtol=rtol)
+
+
+def _shared(path):
+    if not (SHARED / path).exists():
+        pytest.skip(f"shared model {path} not found under {SHARED}")
+    if not hasattr(nf, "load"):
+        pytest.skip("nca_fast.load (the importers) is not available")
+    return nf.load(SHARED / path, **({"name": "bubbly_0101"} if "textures" in path else {}))
+
+
+@pytest.mark.parametrize("path", ["distill-growing/ex1_lizard.json", "distill-growing/ex2_lizard.json",
+                                  "distill-growing/ex3_lizard.json", "distill-textures/models.json"])
+def test_published_models_fused_equals_reference(path):
+    model = _shared(path).to(DEVICE)
+    model.fp32_matmul = "ieee"
+    x = model.seed(2, 16, 16, device=DEVICE)
+    if model.spec.seed_kind == "zeros":
+        x = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE) - 0.5
+    x = model.rollout(x, 12, seed=1, backend="reference")  # some structure to perceive
+    torch.testing.assert_close(model.step(x, seed=2, step=12, backend="triton"),
+                               model.step(x, seed=2, step=12, backend="reference"), atol=1e-5, rtol=1e-5)
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+def test_dispatch_rules(monkeypatch, caplog):
+    model = nf.NCA(nf.growing_spec())
+    x = model.seed(1, 8, 8)
+    # auto on a CPU never picks the fused kernels, even when the interpreter could run them
+    with caplog.at_level("INFO", logger="nca_fast"):
+        model.step(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run here: state on cpu"):
+        model.step(x, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="float64"):
+        model.double().step(x.double(), backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        model.step(x, backend="cuda")
+
+
+def test_unsupported_sizes_are_named():
+    model = nf.NCA(NCASpec(channels=65, hidden=16, alive_channel=None))
+    with pytest.raises(RuntimeError, match="65 channels"):
+        model.step(torch.zeros(1, 65, 4, 4), backend="triton")
+    model = nf.NCA(NCASpec(channels=4, hidden=300, alive_channel=None))
+    with pytest.raises(RuntimeError, match="hidden width 300"):
+        model.step(torch.zeros(1, 4, 4, 4), backend="triton")
+
+
+def test_op_works_under_torch_compile_fullgraph():
+    spec = nf.texture_spec()
+    g = torch.Generator().manual_seed(2)
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=1, H=5, W=9)
+    w1, b1, w2, b2 = ops.packed_weights(model, x.dtype)
+    ctr = ops.counter_tensor(4, 5, DEVICE)
+
+    def f(x):
+        return torch.ops.nca_fast.fused_step(x, w1, b1, w2, b2, ctr, None, spec.json, 0.5, 0, 0, "ieee") * 2
+
+    y = torch.compile(f, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(y / 2, model.step(x, seed=4, step=5, backend="reference"), atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.nca_fast.fused_step.default,
+                          (x, w1, b1, w2, b2, ctr, None, spec.json, 0.5, 0, 0, "ieee"),
+                          test_utils=("test_schema", "test_faketensor"))
