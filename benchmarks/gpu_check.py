@@ -1,0 +1,202 @@
+"""The device script: GPU correctness of the fused kernels, then a short throughput table.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py OUT_DIR [--quick]
+
+Runs in one call of under five minutes on an H100/H200 and writes OUT_DIR/gpu_check.json and
+OUT_DIR/gpu_check.md. Correctness: every state dtype of the fused step against a float64 reference
+(relative error), update masks bit-identical, a 50-step rollout; throughput: reference eager,
+torch.compile of the reference, fused fp32 (TF32 MLP), fused fp16, at 256^2 .. 4096^2, with
+cell-updates/s, peak memory and the fraction of the memory floor (bytes per cell-update / measured
+copy bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nca_fast as nf  # noqa: E402
+from nca_fast import reference, rng  # noqa: E402
+
+DEV = "cuda"
+
+
+def copy_bandwidth(nbytes=1 << 30) -> float:
+    """Device-to-device copy bandwidth in B/s (read + write counted)."""
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
+    e0.record()
+    for _ in range(20):
+        b.copy_(a)
+    e1.record()
+    torch.cuda.synchronize()
+    return 2 * nbytes * 20 / (e0.elapsed_time(e1) / 1e3)
+
+
+def timed(fn, min_time=0.3, max_reps=200):
+    """Median seconds per call of ``fn`` over repeats lasting at least ``min_time`` (CUDA events)."""
+    fn()
+    torch.cuda.synchronize()
+    samples, total = [], 0.0
+    while (total < min_time or len(samples) < 3) and len(samples) < max_reps:
+        e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
+        e0.record()
+        fn()
+        e1.record()
+        torch.cuda.synchronize()
+        samples.append(e0.elapsed_time(e1) / 1e3)
+        total += samples[-1]
+    samples.sort()
+    return samples[len(samples) // 2], samples[0], samples[-1]
+
+
+def grown_state(model, B, H, W, dtype):
+    """A fully alive, structured state (no backend gets an easy all-zeros case)."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.rand(B, model.spec.channels, H, W, generator=g, device=DEV) - 0.5
+    if model.spec.alive_channel is not None:
+        x[:, model.spec.alive_channel] = 0.2 + 0.5 * x[:, model.spec.alive_channel].abs()
+    return x.to(dtype)
+
+
+def correctness(report):
+    rows = []
+    for name, spec in [("growing", nf.growing_spec()), ("texture", nf.texture_spec()),
+                       ("growing-replicate-64x256", nf.growing_spec(channels=64, hidden=256, padding="replicate"))]:
+        model = nf.NCA(spec, init_seed=1).to(DEV)
+        x64 = grown_state(model, 3, 257, 131, torch.float64)
+        ref = model.step(x64, seed=3, step=9, backend="reference")
+        for dtype, mm in [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "tf32"),
+                          (torch.bfloat16, "tf32")]:
+            model.fp32_matmul = mm
+            y = model.step(x64.to(dtype), seed=3, step=9, backend="triton").double()
+            err = ((y - ref).norm() / ref.norm()).item()
+            rows.append({"model": name, "dtype": str(dtype).replace("torch.", ""), "mlp": mm,
+                         "rel_error": err, "max_abs": (y - ref).abs().max().item(),
+                         "finite": bool(torch.isfinite(y).all())})
+    # masks: w = 0, b2 = 1 -> the update equals the fire mask
+    spec = nf.NCASpec(channels=4, hidden=16, alive_channel=None, hidden_bias=False, fire_rate=0.5)
+    m = nf.NCA(spec, {"w1": torch.zeros(16, 12), "w2": torch.zeros(4, 16), "b2": torch.ones(4)}).to(DEV)
+    x = torch.zeros(2, 4, 1031, 517, device=DEV)
+    same = True
+    for seed, step in [(0, 0), (123, 77), (2**63 + 5, 2**32 - 1)]:
+        y = m.step(x, seed=seed, step=step, origin=(5, -9), backend="triton")
+        mask = rng.update_mask(2, 1031, 517, seed=seed, step=step, fire_rate=0.5, origin=(5, -9), device=DEV)
+        same &= bool(torch.equal(y[:, :1] != 0, mask))
+    # rollout: 50 steps fused fp32 (ieee) vs float64 reference
+    model = nf.NCA(nf.growing_spec(), init_seed=2).to(DEV)
+    model.fp32_matmul = "ieee"
+    x = grown_state(model, 2, 96, 96, torch.float32)
+    a = model.rollout(x, 50, seed=1, backend="triton").double()
+    b = model.rollout(x.double(), 50, seed=1, backend="reference")
+    report["correctness"] = {"step": rows, "masks_bit_identical": same,
+                             "rollout50_rel_error": ((a - b).norm() / b.norm()).item()}
+
+
+def throughput(report, sizes, steps):
+    bw = copy_bandwidth()
+    report["copy_bandwidth_GBps"] = bw / 1e9
+    rows = []
+    for mname, spec in [("growing-16x128", nf.growing_spec()), ("texture-12x96", nf.texture_spec())]:
+        model = nf.NCA(spec, init_seed=0).to(DEV)
+        params = model.params()
+        step_c = torch.compile(lambda x, mask: reference.step(x, params, spec, mask))
+        for n in sizes:
+            x32 = grown_state(model, 1, n, n, torch.float32)
+            providers = {
+                "reference": (torch.float32, lambda x: model.rollout(x, steps, backend="reference")),
+                "compile": (torch.float32, None),
+                "triton-fp32": (torch.float32, lambda x: model.rollout(x, steps, backend="triton")),
+                "triton-fp16": (torch.float16, lambda x: model.rollout(x, steps, backend="triton")),
+            }
+            for pname, (dtype, fn) in providers.items():
+                if pname in ("reference", "compile") and n > 2048:
+                    continue  # a 4096^2 hidden tensor is 8.6 GB per step: measured up to 2048^2
+                x = x32.to(dtype)
+                if pname == "compile":
+                    def fn(x):
+                        for k in range(steps):
+                            x = step_c(x, rng.update_mask(1, n, n, seed=0, step=k, fire_rate=0.5, device=DEV))
+                        return x
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                med, lo, hi = timed(lambda: fn(x))
+                wall = time.perf_counter() - t0
+                cells = n * n * steps
+                elt = torch.finfo(dtype).bits // 8
+                bytes_per = 2 * spec.channels * elt + (2 if spec.alive_channel is not None else 0)
+                rows.append({"model": mname, "provider": pname, "size": n, "steps": steps,
+                             "s_per_step": med / steps, "min": lo / steps, "max": hi / steps,
+                             "cell_updates_per_s": cells / med, "bytes_per_cell_update": bytes_per,
+                             "fraction_of_memory_floor": (cells / med) / (bw / bytes_per),
+                             "peak_memory_MB": torch.cuda.max_memory_allocated() / 2**20,
+                             "wall_s": wall})
+                print(f"{mname:16} {pname:12} {n:5}^2 {cells / med / 1e9:8.3f} G/s "
+                      f"{rows[-1]['fraction_of_memory_floor']:.2f} of floor", flush=True)
+    for r in rows:
+        base = next((q for q in rows if q["model"] == r["model"] and q["size"] == r["size"]
+                     and q["provider"] == "reference"), None)
+        r["speedup_vs_reference"] = base["s_per_step"] / r["s_per_step"] if base else None
+    report["throughput"] = rows
+
+
+def markdown(report) -> str:
+    lines = [f"# gpu_check — {report['device']} — {report['date']}", "",
+             f"torch {report['torch']}, triton {report['triton']}, copy bandwidth "
+             f"{report.get('copy_bandwidth_GBps', 0):.0f} GB/s", "", "## Correctness (vs float64 reference)", "",
+             "| model | dtype | MLP | rel. error | max abs | finite |", "|---|---|---|---|---|---|"]
+    c = report.get("correctness", {})
+    for r in c.get("step", []):
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['mlp']} | {r['rel_error']:.2e} | {r['max_abs']:.2e} | {r['finite']} |")
+    lines += ["", f"masks bit-identical: {c.get('masks_bit_identical')}; 50-step rollout (fp32 ieee) rel. error "
+              f"{c.get('rollout50_rel_error', float('nan')):.2e}", "", "## Throughput", "",
+              "| model | provider | grid | G cell-updates/s | ms/step | vs reference | of memory floor | peak MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report.get("throughput", []):
+        sp = f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "—"
+        lines.append(f"| {r['model']} | {r['provider']} | {r['size']}² | {r['cell_updates_per_s'] / 1e9:.3f} | "
+                     f"{r['s_per_step'] * 1e3:.3f} | {sp} | {r['fraction_of_memory_floor']:.2f} | "
+                     f"{r['peak_memory_MB']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.md")
+    ap.add_argument("--quick", action="store_true", help="sizes 256 and 1024 only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device")
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    t0 = time.time()
+    try:
+        correctness(report)
+        print(json.dumps(report["correctness"], indent=1), flush=True)
+        sizes = [256, 1024] if args.quick else [256, 1024, 2048, 4096]
+        throughput(report, sizes, steps=10)
+    except Exception as e:  # keep what was measured
+        report["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        report["wall_s"] = time.time() - t0
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        (args.out / "gpu_check.md").write_text(markdown(report))
+        print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

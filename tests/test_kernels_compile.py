@@ -1,0 +1,38 @@
+"""Every kernel configuration the dispatchers can pick compiles for sm_80 and sm_90a (no GPU needed),
+uses tensor-core instructions for its MLP where it should, and the step keeps its spills small."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels") / "kernels.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "nca_fast.cli", "kernels", "--target", "sm_80",
+                           "--target", "sm_90a", "--json", str(out)], env=env, capture_output=True, text=True,
+                          timeout=3000)
+    print(proc.stdout[-5000:], proc.stderr[-3000:])
+    assert out.exists(), proc.stderr[-3000:]
+    return proc.returncode, json.loads(out.read_text()), proc.stdout
+
+
+def test_every_configuration_compiles(report):
+    rc, rows, stdout = report
+    failed = [r for r in rows if not r["ok"]]
+    assert not failed, failed
+    assert rc == 0
+    for prefix in ("step/", "finalize/"):
+        for target in ("sm_80", "sm_90a"):
+            assert any(r["config"].startswith(prefix) and r["target"] == target for r in rows)
+
+
+def test_tensor_core_mlp(report):
+    _, rows, _ = report
+    for r in rows:
+        if r["config"].startswith("step/") and not r["config"].endswith("/ieee"):
+            want = "HGMMA" if r["target"] == "sm_90a" else "HMMA"
+            assert want in r["tensor_core"], r
