@@ -1,0 +1,95 @@
+"""``nca-fast run MODEL --size HxW --steps N --seed S --out FILE``: roll out a model from its seed
+state and write the final frame (``.png``) or a video of every K-th step (``.gif``, ``.mp4``)."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .. import media
+from ..io.errors import optional_import
+from ..model import BACKENDS
+from .info import BUILTINS, load_model
+
+MAX_SIDE = 1 << 16
+
+
+def parse_size(text: str):
+    """``"HxW"`` (or ``"N"`` for a square) -> ``(H, W)``."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", text)
+    if not m:
+        raise ValueError(f"--size must be HxW (e.g. 72x72) or N, got {text!r}")
+    h, w = int(m[1]), int(m[2] or m[1])
+    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        raise ValueError(f"--size sides must be in 1..{MAX_SIDE}, got {h}x{w}")
+    return h, w
+
+
+def _check(args):
+    """Every argument check, before any model is loaded or step run."""
+    size = parse_size(args.size)
+    for flag, value, low in (("--steps", args.steps, 0), ("--every", args.every, 1),
+                             ("--batch", args.batch, 1), ("--scale-up", args.scale_up, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not args.fps > 0:
+        raise ValueError(f"--fps must be > 0, got {args.fps}")
+    ext = media.check_output(args.out)
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    return size, ext, device
+
+
+@torch.no_grad()
+def run(args) -> int:
+    (height, width), ext, device = _check(args)
+    tqdm = optional_import("tqdm", "media").tqdm
+    model = load_model(args.model, args.name).to(device)
+    x = model.seed(args.batch, height, width, device=device)
+    frame = lambda state: media.to_frame(model.to_rgb(state), args.scale_up)  # noqa: E731
+    bar = tqdm(total=args.steps, unit="step", desc=model.spec.name or "nca", disable=None)
+    with bar:
+        if ext in media.IMAGE_EXTS:
+            chunk, done = max(1, args.steps // 100), 0
+            while done < args.steps:  # chunks keep the bar moving; start_step keeps the masks identical
+                n = min(chunk, args.steps - done)
+                x = model.rollout(x, n, seed=args.seed, start_step=done, backend=args.backend)
+                done += n
+                bar.update(n)
+            media.write_png(args.out, frame(x))
+            n_frames = 1
+        else:
+            def frames():
+                yield frame(x)  # the seed
+                last = 0
+                for k, state in model.frames(x, args.steps, seed=args.seed, every=args.every,
+                                             backend=args.backend):
+                    bar.update(k - last)
+                    last = k
+                    yield frame(state)
+                bar.update(args.steps - last)
+            n_frames = media.write_video(args.out, frames(), args.fps)
+    print(f"wrote {args.out} ({n_frames} frame{'s' * (n_frames != 1)}, "
+          f"{height * args.scale_up}x{width * args.batch * args.scale_up} pixels)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="roll out a model and write a PNG, GIF or MP4",
+                       description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p.add_argument("model", help="model file, or a built-in: " + ", ".join(BUILTINS))
+    p.add_argument("--out", required=True, help="output file: .png (final frame), .gif or .mp4")
+    p.add_argument("--name", help="model name inside a multi-model file (Distill textures)")
+    p.add_argument("--size", default="72x72", help="grid size HxW (default 72x72)")
+    p.add_argument("--steps", type=int, default=200, help="steps to run (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the update masks (default 0)")
+    p.add_argument("--every", type=int, default=1, help="video: a frame every K steps (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="independent grids, side by side (default 1)")
+    p.add_argument("--scale-up", type=int, default=1, metavar="K",
+                   help="nearest-neighbour upscaling of frames, K pixels per cell (default 1)")
+    p.add_argument("--fps", type=float, default=30.0, help="video frame rate (default 30)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="step backend (default auto)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=run)

@@ -1,0 +1,119 @@
+"""The ``info`` and ``run`` commands, called in-process through ``nca_fast.cli.main``."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nca_fast.cli import main
+
+MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+LIZARD = MODELS / "distill-growing" / "ex1_lizard.json"
+TEXTURES = MODELS / "distill-textures" / "models.json"
+needs_models = pytest.mark.skipif(not MODELS.is_dir(), reason=f"published models not found at {MODELS}")
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _frames(path):
+    import imageio.v3 as iio
+    return iio.imread(path, index=None)
+
+
+@needs_models
+def test_info_on_a_file(capsys):
+    assert main(["info", str(LIZARD)]) == 0
+    out = capsys.readouterr().out
+    assert "ex1_lizard" in out and "sobel_x" in out and "zeros" in out
+    assert "8,336" in out  # 128*48 + 128 + 16*128 + 16
+
+
+@needs_models
+def test_info_on_a_texture(capsys):
+    assert main(["info", str(TEXTURES), "--name", "mondrian"]) == 0
+    out = capsys.readouterr().out
+    assert "mondrian" in out and "laplacian" in out and "circular" in out and "5,868" in out
+
+
+@pytest.mark.parametrize("builtin, params", [("growing", "8,336"), ("texture", "5,868")])
+def test_info_on_a_builtin(capsys, builtin, params):
+    assert main(["info", builtin]) == 0
+    assert params in capsys.readouterr().out
+
+
+def test_run_png(tmp_path):
+    out = tmp_path / "final.png"
+    assert main(["run", "growing", "--size", "9x13", "--steps", "7", "--scale-up", "2",
+                 "--out", str(out)]) == 0
+    img = _frames(out)
+    assert img.shape == (18, 26, 3) and img.dtype == np.uint8
+    assert [p.name for p in tmp_path.iterdir()] == ["final.png"]
+
+
+@needs_models
+def test_run_png_of_a_published_lizard(tmp_path):
+    out = tmp_path / "lizard.png"
+    assert main(["run", str(LIZARD), "--steps", "60", "--size", "40", "--seed", "3", "--out", str(out)]) == 0
+    img = _frames(out)
+    assert img.shape == (40, 40, 3) and img.min() < 200 and img.max() == 255  # a shape on white
+
+
+def test_run_gif(tmp_path):
+    out = tmp_path / "roll.gif"
+    assert main(["run", "growing", "--size", "11x8", "--steps", "10", "--every", "5", "--batch", "2",
+                 "--out", str(out)]) == 0
+    frames = _frames(out)
+    assert frames.shape[:3] == (3, 11, 16)  # the seed + steps 5 and 10; two grids side by side
+
+
+@pytest.mark.parametrize("scale, shape", [(2, (30, 42)), (1, (16, 22))])  # yuv420p: odd sides padded
+def test_run_mp4(tmp_path, scale, shape):
+    try:
+        import imageio_ffmpeg
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"imageio-ffmpeg unavailable: {e}")
+    out = tmp_path / "roll.mp4"
+    assert main(["run", "texture", "--size", "15x21", "--steps", "6", "--every", "2", "--scale-up", str(scale),
+                 "--fps", "10", "--out", str(out)]) == 0
+    assert _frames(out).shape[:3] == (4, *shape)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "7y8"], "--size must be HxW"),
+    (["--size", "0x5"], "sides must be in"),
+    (["--steps", "-1"], "--steps must be >= 0"),
+    (["--every", "0"], "--every must be >= 1"),
+    (["--fps", "0"], "--fps must be > 0"),
+    (["--out", "OUT/x.jpg"], "unknown extension '.jpg'"),
+    (["--out", "OUT/missing/x.png"], "output folder does not exist"),
+    (["--name", "mondrian"], "takes no --name"),
+    (["--device", "nodevice"], "nodevice"),
+])
+def test_run_rejects_bad_arguments(tmp_path, capsys, args, message):
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "x.png")]
+    assert main(["run", "growing", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_run_without_cuda(tmp_path, capsys):
+    assert main(["run", "growing", "--device", "cuda", "--out", str(tmp_path / "x.png")]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_run_and_info_on_bad_models(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "none.json"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("{oops")
+    assert main(["info", str(tmp_path / "junk.json")]) == 2
+    assert "corrupt or truncated JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.json"]
+
+
+@needs_models
+def test_unknown_texture_name_lists_names(capsys):
+    assert main(["info", str(TEXTURES), "--name", "zebra"]) == 2
+    assert "no model 'zebra'" in (err := capsys.readouterr().err) and "mondrian" in err
