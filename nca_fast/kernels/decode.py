@@ -1,28 +1,31 @@
 """Decode-only kernels: render a coarse NCA state ``x [B, C, H, W]`` as an image ``[B, K, Ho, Wo]``.
 
-``lppn_kernel``: one program = ``BLOCK_P`` consecutive output pixels of one image. Per pixel it
-bilinearly samples the state (4 cells, padding circular/replicate, exact integer tap arithmetic),
-builds the local-coordinate encoding, and runs the whole SIREN MLP on tensor cores
-(``tl.dot`` over ``[BLOCK_P, 16]`` state/encoding chunks, ``[BLOCK_P, HID]`` hidden layers) with a
-range-reduced polynomial sine. ``pixel_shuffle_kernel``: one program = ``BLOCK_M`` cells x ``N_BLOCK``
-head outputs; it applies the per-cell head and scatters each output ``n = k*r*r + i*r + j`` to pixel
-``(k, y*r + i, x*r + j)`` (``F.pixel_shuffle`` order).
+``lppn_kernel``: one program = ``BLOCK_P`` consecutive output pixels of one image. Layer 0 of the
+SIREN is split: its state part is applied per *cell* by the launcher (``proj = x W0s^T + b0``,
+``[B, H, W, HID]``, exact because bilinear weights sum to 1), so the kernel samples 4 projected
+cells per pixel (padding circular/replicate, exact integer tap arithmetic), adds the
+local-coordinate part as fp32 rank-1 updates, then runs the sine layers and the linear output on
+tensor cores (``tl.dot`` on ``[BLOCK_P, HID]`` tiles) with a range-reduced polynomial sine.
+``pixel_shuffle_kernel``: one program = ``BLOCK_M`` cells x ``N_BLOCK`` head outputs; it applies the
+per-cell head and scatters output ``n = k*r*r + i*r + j`` to pixel ``(k, y*r + i, x*r + j)``
+(``F.pixel_shuffle`` order).
 
 Weights arrive packed by :mod:`nca_fast.ops_decode`: transposed to ``[in, out]``, zero-padded to the
-block sizes, SIREN frequencies ``omega`` folded in (``sin(omega*(W x + b)) = sin((omega W) x + omega b)``).
+block sizes, SIREN frequencies folded in (``sin(omega*(W x + b)) = sin((omega W) x + omega b)``).
 Precision: ``DOT_FP16=False`` uses ``tf32x3`` dots (about fp32 accuracy) and writes fp32;
-``DOT_FP16=True`` runs the hidden/output layers with fp16 operands (fp32 accumulation; the LPPN's
-first layer stays ``tf32x3`` because omega-scaled pre-activations are large) and writes fp16.
+``DOT_FP16=True`` uses fp16 operands (fp32 accumulation) and writes fp16. The LPPN's layer 0 is
+always exact fp32 (omega-scaled pre-activations are large: tensor-core rounding would show).
 
-Traffic and work per output pixel (S = state element size, O = output element size, s = scale):
-* LPPN, C state channels, E = 2 or 4N coordinate features, width h, L sine layers, K outputs:
-  reads 4*C*S bytes of state per pixel, served from L1/L2 (the state itself is read from DRAM
-  about once: C*S/s^2 bytes per pixel); writes K*O bytes.
-  FLOPs (2 per multiply-add) = 2h(C+E) + 2h^2(L-1) + 2hK + 8C (interpolation) + L*h + E sines.
-  Texture-size decoder (C=12, E=2, h=32, L=3, K=3, fp16): 12 B written, 0.75 B of state from
-  DRAM; 896 + 4096 + 192 + 96 = 5.3 kFLOP and 98 sines (~10 FLOP each) per pixel.
-* Pixel shuffle, head ``[K*r*r, C]`` (or ``[h, C]`` ReLU + ``[K*r*r, h]``): reads C*S/r^2 bytes,
-  writes K*O bytes; 2*C*K (linear) or 2*(C*h + h*K*r*r)/r^2 FLOPs per pixel.
+Traffic and work per output pixel (O = output element size, s = scale, h = padded width):
+* LPPN, C state channels, E = 2 or 4N coordinate features, L sine layers, K outputs: reads
+  4*h*4 bytes of projected cells per pixel, served from L1/L2 (from DRAM about once:
+  4*h/s^2 bytes per pixel); writes K*O bytes. FLOPs (2 per multiply-add): per cell 2*C*h
+  (projection, i.e. 2*C*h/s^2 per pixel); per pixel 6h (interpolation) + 2*E*h + 2*h^2*(L-1)
+  + 2*h*16 (output, padded to 16) and L*h + 2N sines (~12 FLOP each).
+  Texture-size decoder (C=12, E=2, h=32, L=3, K=3, s=8, fp16 out): 6 B written, 0.25 B of
+  projected state from DRAM; ~5.3 kFLOP (4.1k of it tensor-core) + 96 sines per pixel.
+* Pixel shuffle, head ``[K*r*r, C]`` (or ``[h, C]`` ReLU + ``[K*r*r, h]``): reads C*4/r^2 bytes
+  (fp32 state), writes K*O bytes; 2*C*K (linear) or 2*(C*h + h*K*r*r)/r^2 FLOPs per pixel.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import triton
 import triton.language as tl
 
 # Globals read inside kernels must be tl.constexpr; int(...) gives their Python value.
-C_BLOCK = tl.constexpr(16)  # state channels per tl.dot chunk (tl.dot needs K >= 16)
+C_BLOCK = tl.constexpr(16)  # pixel-shuffle state channels per tl.dot chunk (K >= 16)
 K_PAD = tl.constexpr(16)    # LPPN output columns (K <= 16: RGB, RGBA, 9-channel PBR, ...)
 HIDDEN_SIZES = (32, 64, 128)  # padded hidden widths the kernels are specialised for
 PS_N_BLOCK = 64  # pixel-shuffle head outputs per program

@@ -1,0 +1,79 @@
+"""Decoder: the nn.Module shared by every decoder kind (weights + spec + input checks)."""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .spec import DecoderSpec
+
+STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class Decoder(nn.Module):
+    """Base class: ``Decoder(spec, weights=None, init_seed=0)``; subclasses set ``KIND`` and
+    implement ``reference(x, params, spec, size)`` and ``init_weights(spec, generator)``."""
+
+    KIND = ""
+
+    def __init__(self, spec: DecoderSpec, weights: Optional[Mapping[str, torch.Tensor]] = None, *,
+                 init_seed: int = 0):
+        super().__init__()
+        if not isinstance(spec, DecoderSpec):
+            raise TypeError(f"spec must be a DecoderSpec, got {type(spec).__name__}")
+        if spec.kind != self.KIND:
+            raise ValueError(f"{type(self).__name__} needs kind={self.KIND!r}, spec has {spec.kind!r}")
+        self.spec = spec
+        shapes = spec.parameter_shapes()
+        if weights is None:
+            weights = self.init_weights(spec, torch.Generator().manual_seed(init_seed))
+        missing, extra = set(shapes) - set(weights), set(weights) - set(shapes)
+        if missing or extra:
+            raise ValueError(f"decoder weights: missing {sorted(missing)}, unexpected {sorted(extra)}; "
+                             f"expected {shapes}")
+        for name, shape in shapes.items():
+            w = torch.as_tensor(weights[name])
+            if tuple(w.shape) != shape:
+                raise ValueError(f"decoder weight {name!r} has shape {tuple(w.shape)}, spec needs {shape}")
+            if not w.is_floating_point() or not torch.isfinite(w).all():
+                raise ValueError(f"decoder weight {name!r} must be finite floating point")
+            self.register_parameter(name, nn.Parameter(w.detach().to(torch.float32).clone()))
+
+    @staticmethod
+    def init_weights(spec: DecoderSpec, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def params(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        return {n: (getattr(self, n) if dtype is None else getattr(self, n).to(dtype))
+                for n in self.spec.parameter_shapes()}
+
+    @property
+    def device(self) -> torch.device:
+        return self.w0.device
+
+    def check_state(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"state must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"state must be [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.spec.channels:
+            raise ValueError(f"state has {x.shape[1]} channels, the decoder takes {self.spec.channels}")
+        if x.dtype not in STATE_DTYPES:
+            raise ValueError(f"state dtype {x.dtype} not supported; use one of {STATE_DTYPES}")
+        if min(x.shape) < 1:
+            raise ValueError(f"state has an empty dimension: {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"state is on {x.device} but the decoder is on {self.device}")
+
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        """The reference path (differentiable): ``[B, C, H, W] -> [B, K, Ho, Wo]`` (float32, or
+        float64 for a float64 state)."""
+        self.check_state(x)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return self.reference(x.to(compute), self.params(compute), self.spec, size)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"channels={s.channels}, out={s.out_channels}, scale={s.scale}, hidden={s.hidden}, "
+                f"layers={s.layers}")

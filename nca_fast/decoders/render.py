@@ -1,0 +1,30 @@
+"""Rendering rollouts through a decoder."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence, Tuple
+
+import torch
+
+
+def render_frames(model, decoder, x: torch.Tensor, steps: int, *, every: int = 1, seed: int = 0,
+                  backend: str = "auto", size=None,
+                  precision: str = "fp32") -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield ``(steps_done, image [B, K, Ho, Wo])`` after every ``every``-th step of ``model.frames``.
+
+    ``backend`` drives both the steps and the decode. Each image is a fresh tensor."""
+    from ..ops_decode import decode
+
+    if decoder.spec.channels != model.spec.channels:
+        raise ValueError(f"decoder takes {decoder.spec.channels} channels, the model has "
+                         f"{model.spec.channels}")
+    decoder.check_state(x)
+    for k, state in model.frames(x, steps, seed=seed, every=every, backend=backend):
+        yield k, decode(decoder, state, backend=backend, size=size, precision=precision)
+
+
+def to_uint8(image: torch.Tensor, channels: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
+    """``[B, K, H, W]`` float image -> ``[B, H, W, len(channels)]`` uint8 (clipped to [0, 1])."""
+    if image.dim() != 4 or max(channels) >= image.shape[1]:
+        raise ValueError(f"image must be [B, K, H, W] with K > {max(channels)}, got {tuple(image.shape)}")
+    img = image[:, list(channels)].float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return img.permute(0, 2, 3, 1).contiguous()
