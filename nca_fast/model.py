@@ -125,12 +125,14 @@ class NCA(nn.Module):
         y = step_fn(x.to(compute), self.params(compute), self.spec, update_mask)
         return y.to(x.dtype)
 
+    @torch.no_grad()
     def frames(self, x: torch.Tensor, steps: int, *, seed: int = 0, start_step: int = 0,
                every: int = 1, origin: Tuple[int, int] = (0, 0),
                backend: str = "auto") -> Iterator[Tuple[int, torch.Tensor]]:
         """Stream ``(steps_done, state)`` after every ``every``-th step, holding one state at a time.
 
-        The yielded tensor may be reused by the next step: copy it to keep it.
+        The yielded tensor may be reused by the next step: copy it to keep it. Runs without autograd
+        (``step`` on the reference backend is differentiable, for training).
         """
         self._check_state(x)
         if not isinstance(steps, int) or steps < 0:

@@ -25,14 +25,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_PROBLEM: Optional[str] = None
+
+
 def _triton_problem() -> str:
-    try:
-        import triton  # noqa: F401
-        from .kernels import step  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the installation
-        return f"triton is not usable: {e}"
-    return ""
+    global _TRITON_PROBLEM
+    if _TRITON_PROBLEM is None:
+        try:
+            import triton  # noqa: F401
+            from .kernels import step  # noqa: F401
+            _TRITON_PROBLEM = ""
+        except Exception as e:  # pragma: no cover - depends on the installation
+            _TRITON_PROBLEM = f"triton is not usable: {e}"
+    return _TRITON_PROBLEM
 
 
 def unavailable_reason(model, x: torch.Tensor) -> str:
@@ -253,6 +258,8 @@ def packed_weights(model, dtype: torch.dtype):
     """Packed weights for a ``dtype`` state, cached on the model until its parameters change."""
     params = model.params()
     dot = dot_code(dtype, model.fp32_matmul)
+    if torch.compiler.is_compiling():  # traced: packing becomes part of the graph (cheap, C*hidden)
+        return pack_weights(params, model.spec, dot, model.w1.device)
     key = (dot, model.w1.device, tuple((p.data_ptr(), p._version) for p in params.values()))
     cache = model.__dict__.setdefault("_packed_cache", {})
     if key not in cache:
@@ -268,28 +275,99 @@ def fused_step(model, x, *, seed: int, step: int, update_mask, fire_rate: float,
                          int(origin[0]), int(origin[1]), model.fp32_matmul)
 
 
+class FusedRollout:
+    """Buffers and launches of a fused rollout of ``steps`` steps for states of one shape and dtype.
+
+    Two state buffers (ping-pong) and, for alive models, two mask-byte buffers are allocated once;
+    each step is one launch, a frame one more (``finalize``) for alive models. The seed and the base
+    step live in a device tensor (``ctr``), so the whole rollout can be captured in a CUDA graph and
+    replayed with new seeds and step counters::
+
+        r = FusedRollout(model, x.shape, x.dtype, x.device, steps=8)
+        r.capture()                       # CUDA only; optional
+        y = r(x, seed=0, start_step=0)    # -> r.out (reused by the next call)
+    """
+
+    def __init__(self, model, shape, dtype, device, steps: int, origin=(0, 0)):
+        self.model, self.spec, self.steps, self.origin = model, model.spec, int(steps), origin
+        self.cfg = step_config(model.spec, dtype, model.fp32_matmul)
+        self.packed = packed_weights(model, dtype)
+        self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
+        self.ctr = torch.zeros(2, dtype=torch.int64, device=device)
+        self.bufs = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
+        B, _, H, W = shape
+        self.pres = ([torch.empty(B, H, W, dtype=torch.uint8, device=device) for _ in range(2)]
+                     if self.cfg.ALIVE else [None, None])
+        self.out = torch.empty_like(self.bufs[0]) if self.cfg.ALIVE else None
+        self.x = None  # the static input of __call__ / capture, allocated on first use
+        self.graph = None
+
+    def launch(self, k: int, src, src_pre):
+        """Step ``k`` of the rollout from ``src``; returns the buffers it wrote (pending form)."""
+        dst, dst_pre = self.bufs[k % 2], self.pres[k % 2]
+        launch_step(self.cfg, self.spec, self.packed, src, src_pre, dst, dst_pre, self.ctr, step_offset=k,
+                    origin=self.origin, fire_rate=self.spec.fire_rate, pending=k > 0)
+        return dst, dst_pre
+
+    def materialise(self, src, src_pre) -> torch.Tensor:
+        """The true state of ``src`` in ``self.out``."""
+        if self.cfg.ALIVE:
+            launch_finalize(self.cfg, self.spec, src, src_pre, self.out)
+            return self.out
+        if self.out is None:
+            self.out = torch.empty_like(src)
+        return self.out.copy_(src)
+
+    def _run(self):
+        src, src_pre = self.x, None
+        for k in range(self.steps):
+            src, src_pre = self.launch(k, src, src_pre)
+        return self.materialise(src, src_pre)
+
+    def capture(self):
+        """Record the launches in a CUDA graph (replayed by ``__call__``)."""
+        if self.device.type != "cuda":
+            raise RuntimeError("FusedRollout.capture needs a CUDA device")
+        self._static_input()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._run()  # warm-up: compiles the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._run()
+        return self
+
+    def _static_input(self):
+        if self.x is None:
+            self.x = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.materialise(self.x, None) if not self.cfg.ALIVE else None  # allocates out
+        return self.x
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, *, seed: int, start_step: int = 0) -> torch.Tensor:
+        if tuple(x.shape) != self.shape or x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"FusedRollout was built for {self.shape} {self.dtype} on {self.device}, "
+                             f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+        rng.check_seed(seed)
+        self._static_input().copy_(x)
+        self.ctr.copy_(counter_tensor(seed, start_step, "cpu"))
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        return self._run()
+
+
 @torch.no_grad()
 def fused_frames(model, x, steps: int, *, seed: int, start_step: int, every: int,
                  origin) -> Iterator[Tuple[int, torch.Tensor]]:
-    """Rollout with two state buffers (ping-pong) and, for alive models, two mask-byte buffers: one
-    launch per step plus one ``finalize`` per yielded frame. The yielded tensor is reused."""
-    spec = model.spec
-    cfg = step_config(spec, x.dtype, model.fp32_matmul)
-    packed = packed_weights(model, x.dtype)
-    ctr = counter_tensor(seed, start_step, x.device)
-    bufs = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2)]
-    pres = [torch.empty(x.shape[0], x.shape[2], x.shape[3], dtype=torch.uint8, device=x.device)
-            for _ in range(2)] if cfg.ALIVE else [None, None]
-    out = torch.empty_like(bufs[0]) if cfg.ALIVE else None
+    """Stream a fused rollout: one launch per step, one ``finalize`` per yielded frame for alive
+    models. The yielded tensor is reused by later steps."""
+    r = FusedRollout(model, x.shape, x.dtype, x.device, steps, origin)
+    r.ctr.copy_(counter_tensor(seed, start_step, "cpu"))
     src, src_pre = x.contiguous(), None
     for k in range(steps):
-        dst, dst_pre = bufs[k % 2], pres[k % 2]
-        launch_step(cfg, spec, packed, src, src_pre, dst, dst_pre, ctr, step_offset=k, origin=origin,
-                    fire_rate=spec.fire_rate, pending=k > 0)
-        src, src_pre = dst, dst_pre
+        src, src_pre = r.launch(k, src, src_pre)
         if (k + 1) % every == 0:
-            if cfg.ALIVE:
-                launch_finalize(cfg, spec, src, src_pre, out)
-                yield k + 1, out
-            else:
-                yield k + 1, src
+            yield k + 1, (r.materialise(src, src_pre) if r.cfg.ALIVE else src)

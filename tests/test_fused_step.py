@@ -202,6 +202,27 @@ def test_op_works_under_torch_compile_fullgraph():
 
     y = torch.compile(f, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(y / 2, model.step(x, seed=4, step=5, backend="reference"), atol=1e-5, rtol=1e-5)
+    step = torch.compile(lambda x: model.step(x, seed=4, step=5, backend="triton"), fullgraph=True,
+                         backend="eager")
+    torch.testing.assert_close(step(x), y / 2, atol=1e-6, rtol=1e-6)
     torch.library.opcheck(torch.ops.nca_fast.fused_step.default,
                           (x, w1, b1, w2, b2, ctr, None, spec.json, 0.5, 0, 0, "ieee"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_fused_rollout_object_reuses_buffers_and_takes_new_counters():
+    """FusedRollout (the CUDA-graph-capturable form) equals model.rollout for any seed / start step,
+    and its buffers are allocated once."""
+    g = torch.Generator().manual_seed(9)
+    spec = nf.growing_spec()
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=1, H=6, W=33)
+    r = ops.FusedRollout(model, x.shape, x.dtype, x.device, steps=2)
+    ptrs = [b.data_ptr() for b in r.bufs]
+    for seed, start in [(1, 0), (5, 40)]:
+        y = r(x, seed=seed, start_step=start)
+        torch.testing.assert_close(y, model.rollout(x, 2, seed=seed, start_step=start, backend="reference"),
+                                   atol=2e-5, rtol=2e-5)
+    assert [b.data_ptr() for b in r.bufs] == ptrs
+    with pytest.raises(ValueError, match="built for"):
+        r(x[:, :, :5], seed=0)
