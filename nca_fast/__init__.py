@@ -10,9 +10,9 @@ from .model import NCA, random_weights
 from .spec import Filter, NCASpec, growing_spec, texture_spec
 from .rng import update_mask
 from .io import load, save
+from .decoders import DecoderSpec, build_decoder, fit_decoder, load_decoder, save_decoder
 
 __version__ = "0.1.0"
 __all__ = ["NCA", "NCASpec", "Filter", "growing_spec", "texture_spec", "random_weights",
-           "update_mask", "load", "save", "__version__"]
-from .decoders import DecoderSpec, build_decoder, fit_decoder, load_decoder, save_decoder  # noqa: E402
-__all__ += ["DecoderSpec", "build_decoder", "fit_decoder", "load_decoder", "save_decoder"]
+           "update_mask", "load", "save", "DecoderSpec", "build_decoder", "fit_decoder", "load_decoder",
+           "save_decoder", "__version__"]

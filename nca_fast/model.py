@@ -77,7 +77,8 @@ class NCA(nn.Module):
         return x
 
     def to_rgba(self, x: torch.Tensor) -> torch.Tensor:
-        """Premultiplied RGBA state -> straight ``[B, 4, H, W]`` in [0, 1] on a white background."""
+        """``[B, 4, H, W]`` in [0, 1]: the RGB image composited on white (as :meth:`to_rgb`) and the
+        clipped alpha."""
         self._check_state(x)
         if not self.spec.has_alpha:
             raise ValueError(f"to_rgba: render {self.spec.render!r} has no alpha channel; use to_rgb")
@@ -125,22 +126,28 @@ class NCA(nn.Module):
         y = step_fn(x.to(compute), self.params(compute), self.spec, update_mask)
         return y.to(x.dtype)
 
-    @torch.no_grad()
     def frames(self, x: torch.Tensor, steps: int, *, seed: int = 0, start_step: int = 0,
                every: int = 1, origin: Tuple[int, int] = (0, 0),
                backend: str = "auto") -> Iterator[Tuple[int, torch.Tensor]]:
         """Stream ``(steps_done, state)`` after every ``every``-th step, holding one state at a time.
 
-        The yielded tensor may be reused by the next step: copy it to keep it. Runs without autograd
-        (``step`` on the reference backend is differentiable, for training).
+        The yielded tensor may be reused by the next step: copy it to keep it. Arguments are checked
+        at the call; the stream runs without autograd (``step`` on the reference backend is
+        differentiable, for training).
         """
         self._check_state(x)
-        if not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         self._check_step_args(x, seed, start_step, None, None, origin)
+        if start_step + steps > 2**32:
+            raise ValueError(f"step counters start_step + steps = {start_step + steps} exceed 2**32")
         backend = self._resolve_backend(backend, x)
+        return self._frames(x, steps, seed, start_step, every, origin, backend)
+
+    @torch.no_grad()
+    def _frames(self, x, steps, seed, start_step, every, origin, backend):
         if backend == "triton":
             from . import ops
             yield from ops.fused_frames(self, x, steps, seed=seed, start_step=start_step,
@@ -192,7 +199,7 @@ class NCA(nn.Module):
         rng.check_seed(seed)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
             raise ValueError(f"step must be an int in [0, 2**32), got {step!r}")
-        if len(origin) != 2 or not all(isinstance(o, int) for o in origin):
+        if len(origin) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in origin):
             raise ValueError(f"origin must be (row, col) ints, got {origin!r}")
         if update_mask is not None:
             B, _, H, W = x.shape

@@ -186,37 +186,101 @@ def _clamp_args(spec: NCASpec):
     return out
 
 
+@dataclass(frozen=True)
+class FusedDecode:
+    """A pixel-shuffle head fused into the pass that produces the true state, and its frame.
+
+    ``weights``: dw0 [CP, DH], db0 [DH] (hidden head only), dw1 [DH or CP, NPAD], db1 [NPAD] (fp32
+    biases, matrices in the dot dtype, zero padded); ``image`` [B, K, H*R, W*R] in the state dtype."""
+
+    image: torch.Tensor
+    weights: Tuple[torch.Tensor, ...]
+    R: int
+    K: int
+    N: int
+    DH: int
+    NPAD: int
+    NB: int
+
+    def args(self):
+        return (self.image, *self.weights)
+
+    def constexprs(self) -> dict:
+        return dict(DECODE=True, R=self.R, K=self.K, N=self.N, DH=self.DH, NPAD=self.NPAD, NB=self.NB)
+
+
+def decode_epilogue(decoder, cfg: StepConfig, shape, dtype, device) -> FusedDecode:
+    """Pack a pixel-shuffle decoder for the step/finalize epilogue and allocate its frame."""
+    spec = decoder.spec
+    if spec.kind != "pixel_shuffle":
+        raise ValueError(f"only pixel_shuffle decoders fuse into the step, got {spec.kind!r}")
+    if spec.channels != cfg.C:
+        raise ValueError(f"decoder takes {spec.channels} channels, the model has {cfg.C}")
+    if spec.layers and spec.hidden > 128:
+        raise ValueError(f"fused pixel-shuffle heads take hidden <= 128, got {spec.hidden}")
+    wdt = {2: torch.float16, 3: torch.bfloat16}.get(cfg.DOT, torch.float32)
+    p = {k: v.detach().to(device, torch.float32) for k, v in decoder.params().items()}
+    R, K, N = spec.scale, spec.out_channels, spec.head_outputs
+    NB = min(64, _pow2(N))
+    NPAD = -(-N // NB) * NB
+    DH = _pow2(spec.hidden) if spec.layers else 0
+    last = "w1" if spec.layers else "w0"
+    dw1 = torch.zeros(DH or cfg.CP, NPAD, device=device)
+    dw1[:spec.hidden or spec.channels, :N] = p[last].t()
+    db1 = torch.zeros(NPAD, device=device)
+    db1[:N] = p["b" + last[1:]]
+    dw0 = torch.zeros(cfg.CP, max(DH, 16), device=device)
+    db0 = torch.zeros(max(DH, 16), device=device)
+    if spec.layers:
+        dw0[:spec.channels, :spec.hidden] = p["w0"].t()
+        db0[:spec.hidden] = p["b0"]
+    B, _, H, W = shape
+    image = torch.empty(B, K, H * R, W * R, dtype=dtype, device=device)
+    return FusedDecode(image, (dw0.to(wdt), db0, dw1.to(wdt), db1), R, K, N, DH, NPAD, NB)
+
+
 def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_pre, ctr, *,
                 step_offset: int = 0, origin=(0, 0), batch_offset: int = 0, fire_rate: float,
-                update_mask: Optional[torch.Tensor] = None, pending: bool = False) -> None:
+                update_mask: Optional[torch.Tensor] = None, pending: bool = False,
+                decode: Optional[FusedDecode] = None) -> None:
     """One fused step ``src -> dst`` (and alive ``dst_pre`` for alive models). ``pending``: src is
-    in the pending form (see kernels/step.py) with its alive bytes in ``src_pre``."""
+    in the pending form (see kernels/step.py) with its alive bytes in ``src_pre``. ``decode``
+    (models without alive masks only) also writes the frame of ``dst`` in the same pass."""
     from .kernels.step import nca_step_kernel
 
+    if decode is not None and cfg.ALIVE:
+        raise ValueError("an alive model's frame is decoded by launch_finalize (its true state)")
     B, C, H, W = src.shape
     n_tw, n_th = -(-W // cfg.BW), -(-H // cfg.BH)
     n_tiles = B * n_th * n_tw
     w1, b1, w2, b2 = packed
     dummy = dst_pre if dst_pre is not None else ctr
     mask = update_mask.view(torch.uint8) if update_mask is not None else dummy
+    dec_args = decode.args() if decode is not None else (dummy,) * 5
     nca_step_kernel[(_grid_programs(n_tiles, src.device),)](
         src, src_pre if src_pre is not None else dummy, dst, dst_pre if dst_pre is not None else dummy,
-        mask, ctr, w1, b1, w2, b2,
+        mask, ctr, w1, b1, w2, b2, *dec_args,
         B, H, W, n_tw, n_th * n_tw, n_tiles,
         step_offset, int(origin[0]), int(origin[1]), batch_offset, rng.fire_threshold(fire_rate),
         float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
-        num_warps=cfg.num_warps, **cfg.constexprs(pending, update_mask is not None))
+        num_warps=cfg.num_warps, **cfg.constexprs(pending, update_mask is not None),
+        **(decode.constexprs() if decode is not None else {}))
 
 
-def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst) -> None:
+def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst,
+                    decode: Optional[FusedDecode] = None) -> None:
+    """Pending form ``(src, src_pre)`` -> the true state in ``dst`` (and its frame with ``decode``)."""
     from .kernels.step import nca_finalize_kernel
 
     B, C, H, W = src.shape
     n_tw, n_th = -(-W // cfg.BW), -(-H // cfg.BH)
     n_tiles = B * n_th * n_tw
+    dec_args = decode.args() if decode is not None else (dst,) * 5
     nca_finalize_kernel[(_grid_programs(n_tiles, src.device),)](
-        src, src_pre, dst, H, W, n_tw, n_th * n_tw, n_tiles, float(spec.alive_threshold),
-        C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW, num_warps=4)
+        src, src_pre, dst, *dec_args, H, W, n_tw, n_th * n_tw, n_tiles, float(spec.alive_threshold),
+        C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW, DOT=cfg.DOT,
+        num_warps=4 if decode is None else cfg.num_warps,
+        **(decode.constexprs() if decode is not None else {}))
 
 
 # ---- the torch op ----------------------------------------------------------------------------
@@ -286,9 +350,12 @@ class FusedRollout:
         r = FusedRollout(model, x.shape, x.dtype, x.device, steps=8)
         r.capture()                       # CUDA only; optional
         y = r(x, seed=0, start_step=0)    # -> r.out (reused by the next call)
+
+    With a pixel-shuffle ``decoder`` every frame is also decoded into ``r.decode.image`` in the pass
+    that produces the true state (the step itself, or finalize for alive models).
     """
 
-    def __init__(self, model, shape, dtype, device, steps: int, origin=(0, 0)):
+    def __init__(self, model, shape, dtype, device, steps: int, origin=(0, 0), decoder=None):
         self.model, self.spec, self.steps, self.origin = model, model.spec, int(steps), origin
         self.cfg = step_config(model.spec, dtype, model.fp32_matmul)
         self.packed = packed_weights(model, dtype)
@@ -301,18 +368,21 @@ class FusedRollout:
         self.out = torch.empty_like(self.bufs[0]) if self.cfg.ALIVE else None
         self.x = None  # the static input of __call__ / capture, allocated on first use
         self.graph = None
+        self.decode = None if decoder is None else decode_epilogue(decoder, self.cfg, shape, dtype, device)
 
-    def launch(self, k: int, src, src_pre):
-        """Step ``k`` of the rollout from ``src``; returns the buffers it wrote (pending form)."""
+    def launch(self, k: int, src, src_pre, frame: bool = False):
+        """Step ``k`` of the rollout from ``src``; returns the buffers it wrote (pending form).
+        ``frame``: decode this step's state (models without alive masks decode in this pass)."""
         dst, dst_pre = self.bufs[k % 2], self.pres[k % 2]
+        decode = self.decode if frame and not self.cfg.ALIVE else None
         launch_step(self.cfg, self.spec, self.packed, src, src_pre, dst, dst_pre, self.ctr, step_offset=k,
-                    origin=self.origin, fire_rate=self.spec.fire_rate, pending=k > 0)
+                    origin=self.origin, fire_rate=self.spec.fire_rate, pending=k > 0, decode=decode)
         return dst, dst_pre
 
     def materialise(self, src, src_pre) -> torch.Tensor:
-        """The true state of ``src`` in ``self.out``."""
+        """The true state of ``src`` in ``self.out`` (alive models: and its frame, if decoding)."""
         if self.cfg.ALIVE:
-            launch_finalize(self.cfg, self.spec, src, src_pre, self.out)
+            launch_finalize(self.cfg, self.spec, src, src_pre, self.out, self.decode)
             return self.out
         if self.out is None:
             self.out = torch.empty_like(src)
@@ -321,7 +391,7 @@ class FusedRollout:
     def _run(self):
         src, src_pre = self.x, None
         for k in range(self.steps):
-            src, src_pre = self.launch(k, src, src_pre)
+            src, src_pre = self.launch(k, src, src_pre, frame=k == self.steps - 1)
         return self.materialise(src, src_pre)
 
     def capture(self):
@@ -359,15 +429,33 @@ class FusedRollout:
         return self._run()
 
 
+def _fused_stream(model, x, steps, *, seed, start_step, every, origin, decoder=None):
+    r = FusedRollout(model, x.shape, x.dtype, x.device, steps, origin, decoder)
+    r.ctr.copy_(counter_tensor(seed, start_step, "cpu"))
+    src, src_pre = x.contiguous(), None
+    for k in range(steps):
+        frame = (k + 1) % every == 0
+        src, src_pre = r.launch(k, src, src_pre, frame)
+        if frame:
+            state = r.materialise(src, src_pre) if r.cfg.ALIVE else src
+            yield k + 1, state, (r.decode.image if r.decode is not None else None)
+
+
 @torch.no_grad()
 def fused_frames(model, x, steps: int, *, seed: int, start_step: int, every: int,
                  origin) -> Iterator[Tuple[int, torch.Tensor]]:
     """Stream a fused rollout: one launch per step, one ``finalize`` per yielded frame for alive
     models. The yielded tensor is reused by later steps."""
-    r = FusedRollout(model, x.shape, x.dtype, x.device, steps, origin)
-    r.ctr.copy_(counter_tensor(seed, start_step, "cpu"))
-    src, src_pre = x.contiguous(), None
-    for k in range(steps):
-        src, src_pre = r.launch(k, src, src_pre)
-        if (k + 1) % every == 0:
-            yield k + 1, (r.materialise(src, src_pre) if r.cfg.ALIVE else src)
+    for k, state, _ in _fused_stream(model, x, steps, seed=seed, start_step=start_step, every=every,
+                                     origin=origin):
+        yield k, state
+
+
+@torch.no_grad()
+def fused_render(model, decoder, x, steps: int, *, seed: int = 0, start_step: int = 0, every: int = 1,
+                 origin=(0, 0)) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Stream ``(steps_done, frame [B, K, H*R, W*R])`` of a rollout decoded by a pixel-shuffle head in
+    the same pass as the step (finalize for alive models). The frame buffer is reused."""
+    for k, _, image in _fused_stream(model, x, steps, seed=seed, start_step=start_step, every=every,
+                                     origin=origin, decoder=decoder):
+        yield k, image

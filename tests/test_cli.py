@@ -117,3 +117,33 @@ def test_run_and_info_on_bad_models(tmp_path, capsys):
 def test_unknown_texture_name_lists_names(capsys):
     assert main(["info", str(TEXTURES), "--name", "zebra"]) == 2
     assert "no model 'zebra'" in (err := capsys.readouterr().err) and "mondrian" in err
+
+
+@pytest.mark.parametrize("kind, scale, ext, size", [("pixel_shuffle", None, ".gif", (36, 36)),
+                                                     ("lppn", 5, ".png", (45, 45))])
+def test_run_through_a_decoder(tmp_path, kind, scale, ext, size):
+    from nca_fast.decoders import build_decoder, save_decoder
+    from nca_fast.decoders.spec import lppn_spec, pixel_shuffle_spec
+
+    make = pixel_shuffle_spec if kind == "pixel_shuffle" else lppn_spec
+    save_decoder(build_decoder(make(16, scale=4)), tmp_path / "dec.safetensors")
+    out = tmp_path / f"hires{ext}"
+    args = ["run", "growing", "--size", "9x9", "--steps", "4", "--decoder", str(tmp_path / "dec.safetensors"),
+            "--out", str(out)] + (["--scale", str(scale)] if scale else [])
+    assert main(args) == 0
+    assert _frames(out).shape[-3:-1] == size
+
+
+def test_run_decoder_errors(tmp_path, capsys):
+    from nca_fast.decoders import build_decoder, save_decoder
+    from nca_fast.decoders.spec import pixel_shuffle_spec
+
+    save_decoder(build_decoder(pixel_shuffle_spec(12, scale=4)), tmp_path / "tex.safetensors")
+    out = str(tmp_path / "x.png")
+    assert main(["run", "growing", "--decoder", str(tmp_path / "tex.safetensors"), "--out", out]) == 2
+    assert "takes 12 channels, the model has 16" in capsys.readouterr().err
+    assert main(["run", "texture", "--decoder", str(tmp_path / "tex.safetensors"), "--scale", "3",
+                 "--out", out]) == 2
+    assert "renders at scale 4 only" in capsys.readouterr().err
+    assert main(["run", "texture", "--scale", "3", "--out", out]) == 2
+    assert "--scale needs --decoder" in capsys.readouterr().err

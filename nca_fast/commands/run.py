@@ -1,5 +1,6 @@
-"""``nca-fast run MODEL --size HxW --steps N --seed S --out FILE``: roll out a model from its seed
-state and write the final frame (``.png``) or a video of every K-th step (``.gif``, ``.mp4``)."""
+"""``nca-fast run MODEL --size HxW --steps N --seed S --out FILE [--decoder FILE --scale S]``: roll
+out a model from its seed state and write the final frame (``.png``) or a video of every K-th step
+(``.gif``, ``.mp4``), optionally rendered at high resolution by a decoder."""
 from __future__ import annotations
 
 import re
@@ -39,7 +40,28 @@ def _check(args):
                           "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available here")
+    if args.scale is not None and args.decoder is None:
+        raise ValueError("--scale needs --decoder (use --scale-up for nearest-neighbour upscaling)")
+    if args.scale is not None and args.scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {args.scale}")
     return size, ext, device
+
+
+def _load_decoder(args, model, device):
+    """The decoder and the output size it renders at (None: its own scale)."""
+    from ..decoders import load_decoder
+
+    decoder = load_decoder(args.decoder).to(device)
+    if decoder.spec.channels != model.spec.channels:
+        raise ValueError(f"decoder {args.decoder} takes {decoder.spec.channels} channels, the model has "
+                         f"{model.spec.channels}")
+    if args.scale is None or args.scale == decoder.spec.scale:
+        return decoder, None
+    if decoder.spec.kind == "pixel_shuffle":
+        raise ValueError(f"--scale {args.scale}: this pixel-shuffle decoder renders at scale "
+                         f"{decoder.spec.scale} only")
+    h, w = parse_size(args.size)
+    return decoder, (h * args.scale, w * args.scale)
 
 
 @torch.no_grad()
@@ -47,8 +69,20 @@ def run(args) -> int:
     (height, width), ext, device = _check(args)
     tqdm = optional_import("tqdm", "media").tqdm
     model = load_model(args.model, args.name).to(device)
+    decoder, size = _load_decoder(args, model, device) if args.decoder else (None, None)
     x = model.seed(args.batch, height, width, device=device)
-    frame = lambda state: media.to_frame(model.to_rgb(state), args.scale_up)  # noqa: E731
+    if decoder is None:
+        frame = lambda state: media.to_frame(model.to_rgb(state), args.scale_up)  # noqa: E731
+        stream = lambda: model.frames(x, args.steps, seed=args.seed, every=args.every,  # noqa: E731
+                                      backend=args.backend)
+    else:
+        from ..decoders.render import render_frames
+        from ..ops_decode import decode
+
+        image = lambda state: decode(decoder, state, backend=args.backend, size=size)  # noqa: E731
+        frame = lambda img: media.to_frame(img[:, :3], args.scale_up)  # noqa: E731
+        stream = lambda: render_frames(model, decoder, x, args.steps, seed=args.seed,  # noqa: E731
+                                       every=args.every, backend=args.backend, size=size)
     bar = tqdm(total=args.steps, unit="step", desc=model.spec.name or "nca", disable=None)
     with bar:
         if ext in media.IMAGE_EXTS:
@@ -58,21 +92,21 @@ def run(args) -> int:
                 x = model.rollout(x, n, seed=args.seed, start_step=done, backend=args.backend)
                 done += n
                 bar.update(n)
-            media.write_png(args.out, frame(x))
+            media.write_png(args.out, frame(x if decoder is None else image(x)))
             n_frames = 1
         else:
             def frames():
-                yield frame(x)  # the seed
+                yield frame(x if decoder is None else image(x))  # the seed
                 last = 0
-                for k, state in model.frames(x, args.steps, seed=args.seed, every=args.every,
-                                             backend=args.backend):
+                for k, out in stream():
                     bar.update(k - last)
                     last = k
-                    yield frame(state)
+                    yield frame(out)
                 bar.update(args.steps - last)
             n_frames = media.write_video(args.out, frames(), args.fps)
+    up = args.scale_up * (1 if decoder is None else (size[0] // height if size else decoder.spec.scale))
     print(f"wrote {args.out} ({n_frames} frame{'s' * (n_frames != 1)}, "
-          f"{height * args.scale_up}x{width * args.batch * args.scale_up} pixels)")
+          f"{height * up}x{width * args.batch * up} pixels)")
     return 0
 
 
@@ -90,6 +124,8 @@ def add_parser(sub) -> None:
     p.add_argument("--scale-up", type=int, default=1, metavar="K",
                    help="nearest-neighbour upscaling of frames, K pixels per cell (default 1)")
     p.add_argument("--fps", type=float, default=30.0, help="video frame rate (default 30)")
+    p.add_argument("--decoder", help="render through this decoder file (pixel-shuffle or LPPN)")
+    p.add_argument("--scale", type=int, help="decoder output pixels per cell (default: the decoder's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="step backend (default auto)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=run)

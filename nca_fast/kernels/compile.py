@@ -59,7 +59,11 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs)
+    # Pointers are 16-byte aligned at run time (torch allocations; the launcher's specialisation
+    # sees that): say so, or the compiler assumes unaligned accesses and reports phantom spills.
+    ptrs = [i for i, t in enumerate(cfg.signature.values()) if t.startswith("*")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in ptrs}
+    src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     with tempfile.TemporaryDirectory() as tmp:

@@ -112,9 +112,40 @@ def _layer1(p, w1, f: tl.constexpr, acc, chan, hid, CP: tl.constexpr, HP: tl.con
 
 
 @triton.jit
+def _pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
+                       CP: tl.constexpr, R: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
+                       DH: tl.constexpr, NPAD: tl.constexpr, NB: tl.constexpr, dot_t: tl.constexpr,
+                       prec: tl.constexpr):
+    """Decode the true state tile ``t [M, CP]`` into its ``R x R`` pixel blocks of ``img
+    [B, K, H*R, W*R]`` while it is still in registers (the frame costs K*R*R stores per cell and no
+    state re-read). Head: ``DH > 0``: relu(t @ dw0 [CP, DH] + db0) @ dw1 [DH, NPAD] + db1, else
+    t @ dw1 [CP, NPAD] + db1; output n = k*R*R + ii*R + jj (F.pixel_shuffle order), NB per dot."""
+    chan = tl.arange(0, CP)
+    if DH > 0:
+        hcol = tl.arange(0, DH)
+        hdec = tl.dot(t.to(dot_t), tl.load(dw0 + chan[:, None] * DH + hcol[None, :]), input_precision=prec)
+        hdec = tl.maximum(hdec + tl.load(db0 + hcol)[None, :], 0.0).to(dot_t)
+    Wo = W * R
+    for n0 in tl.static_range(0, NPAD, NB):
+        n = n0 + tl.arange(0, NB)
+        if DH > 0:
+            o = tl.dot(hdec, tl.load(dw1 + hcol[:, None] * NPAD + n[None, :]), input_precision=prec)
+        else:
+            o = tl.dot(t.to(dot_t), tl.load(dw1 + chan[:, None] * NPAD + n[None, :]), input_precision=prec)
+        o += tl.load(db1 + n)[None, :]
+        k = n // (R * R)
+        ii = (n % (R * R)) // R
+        jj = n % R
+        off = (b * K + k[None, :]).to(tl.int64) * H * R * Wo + (i[:, None] * R + ii[None, :]) * Wo \
+            + j[:, None] * R + jj[None, :]
+        tl.store(img + off, o.to(img.dtype.element_ty), mask=valid[:, None] & (n < N)[None, :])
+
+
+@triton.jit
 def nca_step_kernel(
     src, src_pre, dst, dst_pre, fire_mask, ctr,  # state in/out [B, C, H, W]; masks u8 [B, H, W]
     w1, b1, w2, b2,  # packed: w1 [F, CP, HP], b1 [HP] fp32, w2 [HP, CP], b2 [CP] fp32
+    img, dw0, db0, dw1, db1,  # DECODE: the frame [B, K, H*R, W*R] and the pixel-shuffle head
     B, H, W, n_tiles_w, tiles_per_image, n_tiles,
     step_offset, row0, col0, batch0, fire_threshold, threshold, step_size,
     p_lo, p_hi, h_lo, h_hi, u_lo, u_hi, s_lo, s_hi,
@@ -124,6 +155,8 @@ def nca_step_kernel(
     HAS_MASK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     P_CLAMP: tl.constexpr, H_CLAMP: tl.constexpr, U_CLAMP: tl.constexpr, S_CLAMP: tl.constexpr,
     DOT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3, N: tl.constexpr = 3,
+    DH: tl.constexpr = 0, NPAD: tl.constexpr = 16, NB: tl.constexpr = 16,
 ):
     """A persistent grid of programs, each looping over ``BH x BW`` tiles of cells (all channels).
 
@@ -252,16 +285,34 @@ def nca_step_kernel(
             y = tl.minimum(tl.maximum(y, s_lo), s_hi)
         out = (chan[None, :] * HW + (i * W + j)[:, None])
         tl.store(dst + image + out, y.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
+        if DECODE:  # only for models without alive masks: y is the true state (else see finalize)
+            _pixel_shuffle_out(y, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
+                               dot_t, prec)
         if ALIVE:
             tl.store(dst_pre + b.to(tl.int64) * HW + i * W + j, (pool > threshold).to(tl.uint8), mask=valid)
 
 
 @triton.jit
-def nca_finalize_kernel(src, src_pre, dst, H, W, n_tiles_w, tiles_per_image, n_tiles, threshold,
+def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_image,
+                        n_tiles, threshold,
                         C: tl.constexpr, CP: tl.constexpr, ALPHA: tl.constexpr, PAD: tl.constexpr,
-                        BH: tl.constexpr, BW: tl.constexpr):
-    """Pending form -> true state: ``dst = y * (pre & alive(y))``. Memory-bound: reads C values + a
-    byte per cell (the 3x3 alpha re-reads hit cache), writes C values."""
+                        BH: tl.constexpr, BW: tl.constexpr,
+                        DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3,
+                        N: tl.constexpr = 3, DH: tl.constexpr = 0, NPAD: tl.constexpr = 16,
+                        NB: tl.constexpr = 16, DOT: tl.constexpr = 0):
+    """Pending form -> true state: ``dst = y * (pre & alive(y))``, and with DECODE its pixel-shuffle
+    frame. Memory-bound: reads C values + a byte per cell (the 3x3 alpha re-reads hit cache),
+    writes C values (+ K*R*R pixels)."""
+    if DOT == 2:
+        dot_t: tl.constexpr = tl.float16
+    elif DOT == 3:
+        dot_t: tl.constexpr = tl.bfloat16
+    else:
+        dot_t: tl.constexpr = tl.float32
+    if DOT == 1:
+        prec: tl.constexpr = "ieee"
+    else:
+        prec: tl.constexpr = "tf32"
     M: tl.constexpr = BH * BW
     HW = H * W
     chan = tl.arange(0, CP)
@@ -279,6 +330,9 @@ def nca_finalize_kernel(src, src_pre, dst, H, W, n_tiles_w, tiles_per_image, n_t
                         C, ALPHA, PAD, True)
         out = chan[None, :] * HW + (i * W + j)[:, None]
         tl.store(dst + image + out, x.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
+        if DECODE:
+            _pixel_shuffle_out(x, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
+                               dot_t, prec)
 
 
 # ---- every configuration the dispatcher (nca_fast.ops.step_config) can pick ----------------------
@@ -290,8 +344,10 @@ _PTR = {2: "*fp16", 3: "*bf16"}
 
 def compile_configs():
     """KernelConfigs covering every tile shape / warp count (``ops.tile_shape``) times every MLP
-    precision, in their most demanding variant (pending alive form, all clamps), plus finalize."""
-    from ..ops import step_config
+    precision, in their most demanding variant (pending alive form, all clamps), plus finalize, and
+    the pixel-shuffle epilogue (linear and hidden heads, in the step and in finalize)."""
+    from ..decoders.spec import pixel_shuffle_spec
+    from ..ops import decode_epilogue, step_config
     from ..spec import NCASpec, growing_spec, texture_spec
     from .compile import KernelConfig
 
@@ -307,24 +363,43 @@ def compile_configs():
         "max-64x256": growing_spec(channels=64, hidden=256, padding="circular",
                                    perception_clamp=(-2, 2), update_clamp=(-1, 1), state_clamp=(-3, 3)),
     }
+    decoders = {"": None, "+ps8": (8, 0), "+ps4h32": (4, 32)}  # pixel-shuffle epilogues (scale, hidden)
+
+    def pointers(ptr, names):
+        return {n: ("*u8" if n.endswith("pre") or n == "fire_mask" else "*i64" if n == "ctr" else
+                    "*fp32" if n in ("b1", "b2", "db0", "db1") else ptr) for n in names}
+
     configs = []
     for sname, spec in specs.items():
         for dname, (dtype, mm) in dtypes.items():
             cfg = step_config(spec, dtype, mm)
             ptr = _PTR.get(cfg.DOT, "*fp32")
-            sig = {"src": ptr, "src_pre": "*u8", "dst": ptr, "dst_pre": "*u8", "fire_mask": "*u8",
-                   "ctr": "*i64", "w1": ptr, "b1": "*fp32", "w2": ptr, "b2": "*fp32"}
-            sig.update({n: "i32" for n in _SCALARS_I32})
-            sig.update({n: "fp32" for n in _SCALARS_F32})
-            ce = cfg.constexprs(pending=True, has_mask=False)
-            sig.update({n: "constexpr" for n in ce})
-            configs.append(KernelConfig(f"step/{sname}/{dname}", nca_step_kernel, sig, ce,
-                                        num_warps=cfg.num_warps, note=f"tile {cfg.BH}x{cfg.BW}"))
-            if cfg.ALIVE and dname != "ieee":  # finalize has no MLP: only the pointer type varies
-                fsig = {"src": ptr, "src_pre": "*u8", "dst": ptr, "H": "i32", "W": "i32", "n_tiles_w": "i32",
-                        "tiles_per_image": "i32", "n_tiles": "i32", "threshold": "fp32"}
-                fce = dict(C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW)
-                fsig.update({n: "constexpr" for n in fce})
-                configs.append(KernelConfig(f"finalize/{sname}/{dname}", nca_finalize_kernel, fsig, fce,
-                                            num_warps=4, note=f"tile {cfg.BH}x{cfg.BW}"))
+            for dec_name, dec in decoders.items():
+                if dec and (sname not in ("growing-16x128", "texture-12x96") or dname == "ieee"):
+                    continue  # epilogues: on the published architectures, every tensor-core dtype
+                ce_dec = {}
+                if dec:
+                    d = pixel_shuffle_spec(spec.channels, scale=dec[0], hidden=dec[1])
+                    from ..decoders import build_decoder
+                    fd = decode_epilogue(build_decoder(d), cfg, (1, spec.channels, 1, 1), dtype, "cpu")
+                    ce_dec = fd.constexprs()
+                if not cfg.ALIVE or not dec:  # alive models decode in finalize
+                    sig = pointers(ptr, ("src", "src_pre", "dst", "dst_pre", "fire_mask", "ctr", "w1", "b1",
+                                         "w2", "b2", "img", "dw0", "db0", "dw1", "db1"))
+                    sig.update({n: "i32" for n in _SCALARS_I32})
+                    sig.update({n: "fp32" for n in _SCALARS_F32})
+                    ce = {**cfg.constexprs(pending=True, has_mask=False), **ce_dec}
+                    sig.update({n: "constexpr" for n in ce})
+                    configs.append(KernelConfig(f"step/{sname}/{dname}{dec_name}", nca_step_kernel, sig, ce,
+                                                num_warps=cfg.num_warps, note=f"tile {cfg.BH}x{cfg.BW}"))
+                if cfg.ALIVE and dname != "ieee":  # finalize: only the pointer type varies by dtype
+                    fsig = pointers(ptr, ("src", "src_pre", "dst", "img", "dw0", "db0", "dw1", "db1"))
+                    fsig.update({"H": "i32", "W": "i32", "n_tiles_w": "i32", "tiles_per_image": "i32",
+                                 "n_tiles": "i32", "threshold": "fp32"})
+                    fce = dict(C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW,
+                               DOT=cfg.DOT, **ce_dec)
+                    fsig.update({n: "constexpr" for n in fce})
+                    configs.append(KernelConfig(f"finalize/{sname}/{dname}{dec_name}", nca_finalize_kernel,
+                                                fsig, fce, num_warps=cfg.num_warps if dec else 4,
+                                                note=f"tile {cfg.BH}x{cfg.BW}"))
     return configs
