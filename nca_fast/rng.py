@@ -9,8 +9,11 @@ with the round constants and key schedule of Triton's ``tl.philox``; i and j are
 (the window's origin added), every word taken modulo 2**32. Comparing 24-bit integers instead of
 floats makes the mask bit-identical on every backend (no float rounding is involved).
 
-PyTorch has no uint32 arithmetic, so this twin of the kernel works in int64 with every 32x32-bit
-product split into two 32x16-bit halves (each below 2**48, exact in int64).
+PyTorch has no uint32 arithmetic, so this twin of the kernel works in int64: a 32x32-bit product is
+one int64 multiply, which wraps modulo 2**64 (two's complement, on every PyTorch backend), so its
+low 64 bits are the exact product: the low word is ``p & 0xFFFFFFFF``, the high word
+``(p >> 32) & 0xFFFFFFFF`` even when p wrapped negative. (tests/numpy_nca.py checks every word
+against a pure-Python Philox.) Masks are drawn in bands of rows that stay in cache.
 """
 from __future__ import annotations
 
@@ -25,15 +28,13 @@ PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_ROUNDS = 10
 MASK32 = 0xFFFFFFFF
 FIRE_BITS = 24
+BAND_CELLS = 16384  # cells per band of update_mask: its int64 temporaries stay in L2
 
 
 def _mulhilo(a: int, b: torch.Tensor):
     """(hi, lo) 32-bit words of the 64-bit product of constant ``a`` and uint32 values ``b`` (int64)."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    p_lo = a * b_lo  # < 2**48
-    p_hi = a * b_hi  # < 2**48; the product is p_hi * 2**16 + p_lo
-    low_sum = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
-    return (p_hi >> 16) + (low_sum >> 32), low_sum & MASK32
+    p = b * a  # wraps modulo 2**64: the exact product's bits
+    return (p >> 32) & MASK32, p & MASK32
 
 
 def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
@@ -73,8 +74,14 @@ def update_mask(batch: int, height: int, width: int, *, seed: int, step: int, fi
     check_seed(seed)
     threshold = fire_threshold(fire_rate)
     dev = torch.device("cpu") if device is None else torch.device(device)
-    rows = torch.arange(height, device=dev, dtype=torch.int64).view(1, height, 1) + int(origin[0])
-    cols = torch.arange(width, device=dev, dtype=torch.int64).view(1, 1, width) + int(origin[1])
-    b = torch.arange(batch, device=dev, dtype=torch.int64).view(batch, 1, 1) + int(batch_offset)
-    r0, _, _, _ = philox4x32(cols, rows, torch.tensor(int(step), device=dev), b, seed)
-    return ((r0 >> 8) < threshold).unsqueeze(1)
+    out = torch.empty(batch, 1, height, width, dtype=torch.bool, device=dev)
+    rows = torch.arange(height, device=dev, dtype=torch.int64).view(height, 1) + int(origin[0])
+    cols = torch.arange(width, device=dev, dtype=torch.int64).view(1, width) + int(origin[1])
+    t = torch.tensor(int(step), device=dev)
+    band = height if dev.type == "cuda" else max(1, BAND_CELLS // width)
+    for b in range(batch):
+        bb = torch.tensor(b + int(batch_offset), device=dev)
+        for r in range(0, height, band):
+            r0, _, _, _ = philox4x32(cols, rows[r: r + band], t, bb, seed)
+            torch.lt(r0 >> 8, threshold, out=out[b, 0, r: r + band])
+    return out

@@ -207,3 +207,20 @@ def test_triton_philox_matches_rng():
     if res.returncode != 0 and "AssertionError" not in res.stderr:
         pytest.skip(f"Triton interpreter not usable here: {res.stderr.strip().splitlines()[-1:]}")
     assert res.returncode == 0 and "PHILOX-OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("B,H,W,origin,batch_offset", [
+    (2, 37, 53, (5, 7), 0), (1, 61, 301, (2**32 - 3, 2**31), 3), (3, 1, 1, (0, 0), 2**32 - 1),
+    (1, 2, 20000, (1, 2), 0)])  # a row longer than a mask band
+@pytest.mark.parametrize("seed", [0, 12345678901234, 2**64 - 1])
+def test_banded_update_mask_equals_one_philox_call(B, H, W, origin, batch_offset, seed):
+    """update_mask draws in cache-sized bands of rows: the bands must not change a single bit."""
+    for fire_rate, step in [(0.5, 7), (0.0, 0), (1.0, 2**32 - 1), (0.3, 123456)]:
+        rows = torch.arange(H).view(1, H, 1) + origin[0]
+        cols = torch.arange(W).view(1, 1, W) + origin[1]
+        b = torch.arange(B).view(B, 1, 1) + batch_offset
+        r0 = rng.philox4x32(cols, rows, torch.tensor(step), b, seed)[0]
+        want = ((r0 >> 8) < rng.fire_threshold(fire_rate)).unsqueeze(1)
+        got = rng.update_mask(B, H, W, seed=seed, step=step, fire_rate=fire_rate, origin=origin,
+                              batch_offset=batch_offset)
+        assert torch.equal(got, want)

@@ -1,0 +1,80 @@
+"""``nca-fast bench``: time every backend on the same NCA (see :mod:`nca_fast.bench`)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+QUICK_CPU_PROVIDERS = ("reference", "auto", "cpu", "cax")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the backends (quick by default on a CPU)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true",
+                   help="every provider and size, longer measurements (GPU: 64..4096; CPU: 64..1024)")
+    p.add_argument("--sizes", type=int, nargs="+", metavar="N", help="square grid sizes")
+    p.add_argument("--providers", help="comma-separated: reference,compile,auto,cpu,triton-fp32,"
+                                       "triton-fp16,cax (default: all on a GPU or with --full; "
+                                       + ",".join(QUICK_CPU_PROVIDERS) + " on a CPU)")
+    p.add_argument("--models", default="growing,texture", help="built-in models (default: %(default)s)")
+    p.add_argument("--model", metavar="FILE", help="benchmark this model file (anything nca_fast.load reads) "
+                                                   "instead of the built-in models")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], metavar="B",
+                   help="batch sizes; batches > 1 only up to 128x128 (default: 1 8)")
+    p.add_argument("--repeats", type=int, help="exactly this many timed steps per measurement")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
+    p.add_argument("--name", default="", help="file stem (default: <device>-<date>)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.set_defaults(func=run)
+
+
+def _load_model(path: str):
+    import nca_fast
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    load = getattr(nca_fast, "load", None)
+    if load is None:
+        raise RuntimeError("this nca_fast has no nca_fast.load to read model files")
+    return load(path)
+
+
+def run(args) -> int:
+    from .. import bench
+    from ..bench import cases as C
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA device is available")
+    gpu = device.type == "cuda"
+    if args.model:
+        model = _load_model(args.model)
+        name = Path(args.model).stem
+        models = {name: model}
+    else:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        models = {n: C.default_model(n) for n in names}
+    if args.providers:
+        providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    elif gpu or args.full:
+        providers = [p for p in bench.PROVIDER_NAMES if gpu or not p.startswith("triton")]
+    else:
+        providers = list(QUICK_CPU_PROVIDERS)
+    if args.sizes:
+        sizes = args.sizes
+    else:
+        sizes = C.GPU_SIZES if gpu else (C.CPU_FULL_SIZES if args.full else C.CPU_QUICK_SIZES)
+    for b in args.batches:
+        if b < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {b}")
+    cases = bench.make_cases(list(models), sizes, args.batches)
+    settings = bench.Settings.for_mode(args.full, args.repeats)
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  (progress; the table goes to stdout)
+    report = bench.run(cases, models, providers, device, settings, log=log, argv=sys.argv[1:])
+    print(bench.report.table(report))
+    paths = bench.report.write_all(report, Path(args.out), args.name, plot_png=not args.no_plot)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,140 @@
+"""The benchmark suite: providers verified against the reference, a wrong one rejected, the CLI end to end."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from nca_fast import bench, cli, reference
+from nca_fast.bench import providers as P, suite, timing
+from nca_fast.bench.cases import Case, default_model, realistic_state
+
+HAS_CAX = all(importlib.util.find_spec(m) for m in ("jax", "cax", "flax"))
+
+
+@pytest.fixture(scope="module", params=["growing", "texture"])
+def model(request):
+    return default_model(request.param)
+
+
+def _prepared(name, model, x):
+    prov = P.all_providers()[name]
+    reason = prov.unavailable(model, x)
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    return prov.prepare(model, x)
+
+
+@pytest.mark.parametrize("name", ["reference", "auto", "cpu", "triton-fp32", "triton-fp16",
+                                  pytest.param("cax", marks=pytest.mark.skipif(not HAS_CAX, reason="JAX/CAX not installed"))])
+def test_provider_equivalent(name, model):
+    x = realistic_state(model, 2, 13)  # odd size, batch 2
+    runner = _prepared(name, model, x)
+    err = P.verify(runner, model, x)
+    assert 0 <= err <= P.TOLERANCE[runner.dtype]
+    y = runner.step(x.to(runner.dtype), 4)
+    assert tuple(y.shape[:1]) == (2,) and bool(torch.isfinite(torch.as_tensor(y.tolist())).all())
+
+
+def test_compile_provider_equivalent():
+    model = default_model("growing")
+    x = realistic_state(model, 1, 9)
+    runner = _prepared("compile", model, x)
+    assert P.verify(runner, model, x) <= 1e-4
+    assert runner.compile_s and runner.compile_s > 0
+
+
+@pytest.mark.parametrize("name", ["reference", "auto", "cpu"])
+def test_stochastic_step_is_the_reference_step(name, model):
+    """The timed step draws the same Philox mask as the reference: same function, not just same shape."""
+    x = realistic_state(model, 2, 11, seed=3)
+    runner = _prepared(name, model, x)
+    with torch.no_grad():
+        want = model.step(x, seed=P.SEED, step=7, backend="reference")
+    torch.testing.assert_close(runner.step(x, 7), want, atol=2e-5, rtol=1e-5)
+
+
+class WrongProvider(P.Provider):
+    """Deliberately computes something else: the reference with a slightly perturbed first layer."""
+
+    name = "wrong"
+
+    def prepare(self, model, x):
+        params = {k: v.detach().clone() for k, v in model.params().items()}
+        params["w1"][0, 0] += 0.05
+        step = lambda x, mask: reference.step(x, params, model.spec, mask)  # noqa: E731
+        return P.Runner(lambda x, k: step(x, None), step)
+
+
+def test_wrong_provider_rejected(model):
+    x = realistic_state(model, 1, 12)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        P.verify(WrongProvider().prepare(model, x), model, x)
+    r = suite.run_one(Case("m", 12), model, WrongProvider(), torch.device("cpu"),
+                      bench.Settings.for_mode(False, repeats=1), bandwidth=1e10, log=lambda s: None)
+    assert r.status == "rejected" and "not equivalent" in r.reason and r.samples_s == []
+
+
+def test_nan_provider_rejected():
+    model = default_model("growing")
+    x = realistic_state(model, 1, 8)
+    runner = P.Runner(lambda x, k: x, lambda x, mask: torch.full_like(x, float("nan")))
+    with pytest.raises(AssertionError):
+        P.verify(runner, model, x)
+
+
+def test_realistic_state_stays_bounded(model):
+    x = realistic_state(model, 1, 32, seed=1)
+    spec = model.spec
+    if spec.alive_channel is not None:
+        assert (x[:, spec.alive_channel] > spec.alive_threshold).all()  # fully alive
+    assert x.std() > 0.05  # not an easy constant state
+    with torch.no_grad():
+        y = model.rollout(x, 30, seed=0)
+    assert torch.isfinite(y).all() and y.abs().max() < 10
+    if spec.alive_channel is not None:
+        assert (y[:, spec.alive_channel] > spec.alive_threshold).float().mean() > 0.5
+
+
+def test_measure_and_memory():
+    calls = []
+    s = timing.measure(calls.append, device=torch.device("cpu"), sync=lambda: None, warmup=2,
+                       min_time=0.0, min_repeats=4, max_repeats=4)
+    assert len(s.seconds) == 4 and calls == list(range(6)) and s.min <= s.median <= s.max
+    with timing.PeakMemory(torch.device("cpu")) as mem:
+        big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    assert mem.bytes is not None and mem.bytes >= big.numel()
+    assert timing.rotation_count(1 << 30, torch.device("cpu")) == 1
+    assert timing.rotation_count(1 << 10, torch.device("cpu")) == 64
+
+
+def test_unknown_provider_and_bad_sizes():
+    with pytest.raises(ValueError, match="unknown providers"):
+        bench.run([], {}, ["nope"], torch.device("cpu"), bench.Settings())
+    with pytest.raises(ValueError, match="grid sizes"):
+        bench.make_cases(["growing"], [0])
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    rc = cli.main(["bench", "--sizes", "32", "--repeats", "2", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "cell-upd/s" in out
+    (js,) = tmp_path.glob("*.json")
+    report = json.loads(js.read_text())
+    assert {"machine", "device", "versions", "results", "settings"} <= set(report)
+    assert report["versions"]["torch"] == torch.__version__ and report["device"]["copy_bandwidth_bytes_per_s"] > 0
+    cases = {(r["model"], r["size"], r["batch"]) for r in report["results"]}
+    assert cases == {("growing", 32, 1), ("growing", 32, 8), ("texture", 32, 1), ("texture", 32, 8)}
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} >= {"reference", "auto", "cpu"}
+    for r in ok:
+        assert len(r["samples_s"]) == 2 and r["verify_error"] <= 1e-4 and r["peak_mem_bytes"] > 0
+    png = js.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert js.with_suffix(".md").read_text().startswith("# nca-fast bench")
+
+
+def test_cli_model_file_missing(tmp_path, capsys):
+    assert cli.main(["bench", "--model", str(tmp_path / "none.json"), "--sizes", "8"]) == 2
+    assert "not found" in capsys.readouterr().err
