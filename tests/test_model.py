@@ -318,7 +318,8 @@ def test_rollout_and_frames_argument_errors(model, x, kw, match):
         next(model.frames(x, **kw))
 
 
-def test_triton_backend_unavailable_on_cpu(model, x):
+def test_triton_backend_unavailable_on_cpu(model, x, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # other test modules turn the interpreter on
     for call in (lambda: model.step(x, backend="triton"), lambda: model.rollout(x, 2, backend="triton")):
         with pytest.raises(RuntimeError, match="backend='triton' cannot run here"):
             call()

@@ -10,6 +10,7 @@ yields interpreted functions that cannot be compiled.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -59,11 +60,18 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # Arguments left out take their defaults (as at a launch); ASTSource needs every one spelt out.
+    signature, constexprs = dict(cfg.signature), dict(cfg.constexprs)
+    for name, param in inspect.signature(cfg.fn.fn).parameters.items():
+        if name not in signature and param.default is not inspect.Parameter.empty:
+            signature[name], constexprs[name] = "constexpr", param.default
     # Pointers are 16-byte aligned at run time (torch allocations; the launcher's specialisation
     # sees that): say so, or the compiler assumes unaligned accesses and reports phantom spills.
-    ptrs = [i for i, t in enumerate(cfg.signature.values()) if t.startswith("*")]
+    names = list(inspect.signature(cfg.fn.fn).parameters)
+    signature = {n: signature[n] for n in names}
+    ptrs = [i for i, t in enumerate(signature.values()) if t.startswith("*")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in ptrs}
-    src = ASTSource(fn=cfg.fn, signature=cfg.signature, constexprs=cfg.constexprs, attrs=attrs)
+    src = ASTSource(fn=cfg.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     with tempfile.TemporaryDirectory() as tmp:
