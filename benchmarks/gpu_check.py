@@ -150,6 +150,33 @@ def throughput(report, sizes, steps):
     report["throughput"] = rows
 
 
+def decoders(report):
+    """Issue-5 goals: 3840x2160 frames from a 480x270 grid (scale 8) at >= 1000 frames/s including one
+    NCA step per frame (LPPN, 3 sine layers of 32), and step+pixel-shuffle <= 1.2x a plain step."""
+    from nca_fast import ops
+    from nca_fast.decoders import build_decoder
+    from nca_fast.decoders.spec import lppn_spec, pixel_shuffle_spec
+    from nca_fast.ops_decode import decode
+
+    rows = []
+    model = nf.NCA(nf.texture_spec(), init_seed=0).to(DEV)
+    for dtype in (torch.float32, torch.float16):
+        x = grown_state(model, 1, 270, 480, dtype)
+        plain = ops.FusedRollout(model, x.shape, dtype, DEV, steps=1).capture()
+        ps = build_decoder(pixel_shuffle_spec(12, scale=8, out_channels=3)).to(DEV)
+        fused = ops.FusedRollout(model, x.shape, dtype, DEV, steps=1, decoder=ps).capture()
+        t_plain = timed(lambda: plain(x, seed=0))[0]
+        t_fused = timed(lambda: fused(x, seed=0))[0]
+        lppn = build_decoder(lppn_spec(12, scale=8, out_channels=3, hidden=32, layers=3)).to(DEV)
+        t_lppn = timed(lambda: decode(lppn, plain(x, seed=0), backend="triton", precision="fp16"))[0]
+        rows.append({"dtype": str(dtype).replace("torch.", ""), "grid": "480x270", "output": "3840x2160",
+                     "plain_step_ms": t_plain * 1e3, "step_plus_pixel_shuffle_ms": t_fused * 1e3,
+                     "pixel_shuffle_ratio": t_fused / t_plain, "step_plus_lppn_ms": t_lppn * 1e3,
+                     "lppn_frames_per_s": 1.0 / t_lppn})
+        print(rows[-1], flush=True)
+    report["decoders"] = rows
+
+
 def markdown(report) -> str:
     lines = [f"# gpu_check — {report['device']} — {report['date']}", "",
              f"torch {report['torch']}, triton {report['triton']}, copy bandwidth "
@@ -167,6 +194,14 @@ def markdown(report) -> str:
         lines.append(f"| {r['model']} | {r['provider']} | {r['size']}² | {r['cell_updates_per_s'] / 1e9:.3f} | "
                      f"{r['s_per_step'] * 1e3:.3f} | {sp} | {r['fraction_of_memory_floor']:.2f} | "
                      f"{r['peak_memory_MB']:.0f} |")
+    if report.get("decoders"):
+        lines += ["", "## High-resolution output (texture model, 480x270 grid -> 3840x2160)", "",
+                  "| state | step ms | step + pixel-shuffle ms | ratio | step + LPPN (3x32, fp16) ms | LPPN frames/s |",
+                  "|---|---|---|---|---|---|"]
+        for r in report["decoders"]:
+            lines.append(f"| {r['dtype']} | {r['plain_step_ms']:.3f} | {r['step_plus_pixel_shuffle_ms']:.3f} | "
+                         f"{r['pixel_shuffle_ratio']:.2f} | {r['step_plus_lppn_ms']:.3f} | "
+                         f"{r['lppn_frames_per_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +222,7 @@ def main():
         correctness(report)
         print(json.dumps(report["correctness"], indent=1), flush=True)
         sizes = [256, 1024] if args.quick else [256, 1024, 2048, 4096]
+        decoders(report)
         throughput(report, sizes, steps=10)
     except Exception as e:  # keep what was measured
         report["error"] = f"{type(e).__name__}: {e}"

@@ -389,6 +389,8 @@ class FusedRollout:
         return self.out.copy_(src)
 
     def _run(self):
+        if self.steps == 0:
+            return self.out.copy_(self.x)
         src, src_pre = self.x, None
         for k in range(self.steps):
             src, src_pre = self.launch(k, src, src_pre, frame=k == self.steps - 1)
@@ -412,7 +414,8 @@ class FusedRollout:
     def _static_input(self):
         if self.x is None:
             self.x = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-            self.materialise(self.x, None) if not self.cfg.ALIVE else None  # allocates out
+        if self.out is None:
+            self.out = torch.empty_like(self.x)
         return self.x
 
     @torch.no_grad()

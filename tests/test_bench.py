@@ -54,6 +54,22 @@ def test_stochastic_step_is_the_reference_step(name, model):
     torch.testing.assert_close(runner.step(x, 7), want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["triton-fp32", "triton-fp16"])
+def test_fused_rollout_provider_is_the_reference_rollout(name, model):
+    """The fused providers time ROLLOUT_STEPS steps per call (step counters k*S ... k*S + S-1)."""
+    x = realistic_state(model, 1, 5, seed=3)
+    reason = P.all_providers()[name].unavailable(model, x)
+    if reason:
+        pytest.skip(f"{name}: {reason}")
+    runner = _prepared(name, model, x)
+    S = runner.steps_per_call
+    assert S == P.TritonProvider.ROLLOUT_STEPS
+    with torch.no_grad():
+        want = model.rollout(x, S, seed=P.SEED, start_step=2 * S, backend="reference")
+    tol = 2e-3 if name == "triton-fp32" else 3e-2  # TF32 / fp16 operands, 8 steps
+    torch.testing.assert_close(runner.step(x.to(runner.dtype), 2).float(), want, atol=tol, rtol=tol)
+
+
 class WrongProvider(P.Provider):
     """Deliberately computes something else: the reference with a slightly perturbed first layer."""
 

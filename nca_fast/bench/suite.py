@@ -162,14 +162,15 @@ def run_one(case: Case, model: NCA, provider: Union[str, Provider], device: torc
     except Exception as e:  # noqa: BLE001
         r.status, r.reason = "error", f"{type(e).__name__}: {e}"
         return r
-    r.samples_s = samples.seconds
-    r.median_s, r.min_s, r.max_s = samples.median, samples.min, samples.max
-    r.cells_per_s = case.cells / samples.median
+    per_step = 1.0 / runner.steps_per_call  # every time below is per step
+    r.samples_s = [t * per_step for t in samples.seconds]
+    r.median_s, r.min_s, r.max_s = samples.median * per_step, samples.min * per_step, samples.max * per_step
+    r.cells_per_s = case.cells / r.median_s
     r.bytes_per_cell = bytes_per_cell(model, runner.dtype)
-    r.floor_fraction = case.cells * r.bytes_per_cell / bandwidth / samples.median
+    r.floor_fraction = case.cells * r.bytes_per_cell / bandwidth / r.median_s
     r.peak_mem_bytes, r.peak_mem_how, r.base_mem_bytes = mem.bytes, mem.how, mem.base
     log(f"  {case.label:22s} {name:12s} {r.cells_per_s / 1e6:9.3f} M cell-updates/s "
-        f"{samples.median * 1e3:10.2f} ms/step")
+        f"{r.median_s * 1e3:10.2f} ms/step")
     return r
 
 
