@@ -149,6 +149,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     png = js.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert js.with_suffix(".md").read_text().startswith("# nca-fast bench")
+    render = {r["pipeline"]: r for r in report["render"]}
+    assert set(render) == {"step", "step+pixel_shuffle", "step+lppn"}
+    assert all(r["frames_per_s"] > 0 and r["output"] == "320x192" for r in render.values())
+    assert "Rendering at scale 8" in js.with_suffix(".md").read_text()
 
 
 def test_cli_model_file_missing(tmp_path, capsys):

@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Dict, List
 
+from .render import markdown as render_markdown
+
 HEADER = ("case", "provider", "cell-upd/s", "ms/step (min-max)", "x ref", "% floor", "peak mem", "note")
 
 
@@ -55,6 +57,7 @@ def table(report: dict) -> str:
     lines += [fmt(r) for r in body]
     lines += ["", "cell-upd/s: median throughput; x ref: speed-up over `reference` in the same case; "
               "% floor: time to read+write the state at the measured copy bandwidth / step time."]
+    lines += render_markdown(report.get("render", []))
     return "\n".join(lines)
 
 
@@ -70,6 +73,7 @@ def markdown(report: dict) -> str:
               "`% floor` compares each step with the time to read and write the state at the copy "
               "bandwidth measured in the same run. Every provider was verified against the reference "
               "(one step, explicit mask or fire rate 1) before it was timed.", ""]
+    lines += render_markdown(report.get("render", [])) + [""]
     return "\n".join(lines)
 
 

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
     p.add_argument("--name", default="", help="file stem (default: <device>-<date>)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--no-render", action="store_true",
+                   help="skip the high-resolution rendering table (step + pixel-shuffle / LPPN decode)")
     p.set_defaults(func=run)
 
 
@@ -74,6 +76,9 @@ def run(args) -> int:
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  (progress; the table goes to stdout)
     report = bench.run(cases, models, providers, device, settings, log=log, argv=sys.argv[1:])
+    if not args.no_render:
+        from ..bench.render import run_render
+        report["render"] = run_render(device, min_time=settings.min_time, log=log)
     print(bench.report.table(report))
     paths = bench.report.write_all(report, Path(args.out), args.name, plot_png=not args.no_plot)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
