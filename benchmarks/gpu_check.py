@@ -24,40 +24,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nca_fast as nf  # noqa: E402
 from nca_fast import reference, rng  # noqa: E402
+from nca_fast.bench import timing  # noqa: E402
 
 DEV = "cuda"
 
 
-def copy_bandwidth(nbytes=1 << 30) -> float:
-    """Device-to-device copy bandwidth in B/s (read + write counted)."""
-    a = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-    e0.record()
-    for _ in range(20):
-        b.copy_(a)
-    e1.record()
-    torch.cuda.synchronize()
-    return 2 * nbytes * 20 / (e0.elapsed_time(e1) / 1e3)
-
-
 def timed(fn, min_time=0.3, max_reps=200):
-    """Median seconds per call of ``fn`` over repeats lasting at least ``min_time`` (CUDA events)."""
-    fn()
-    torch.cuda.synchronize()
-    samples, total = [], 0.0
-    while (total < min_time or len(samples) < 3) and len(samples) < max_reps:
-        e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        samples.append(e0.elapsed_time(e1) / 1e3)
-        total += samples[-1]
-    samples.sort()
-    return samples[len(samples) // 2], samples[0], samples[-1]
+    """(median, min, max) seconds per call of ``fn`` (CUDA events, after one warm-up call)."""
+    dev = torch.device(DEV)
+    t = timing.measure(lambda k: fn(), device=dev, sync=lambda: torch.cuda.synchronize(dev), warmup=1,
+                       min_time=min_time, max_repeats=max_reps)
+    return t.median, t.min, t.max
 
 
 def grown_state(model, B, H, W, dtype):
@@ -104,7 +81,7 @@ def correctness(report):
 
 
 def throughput(report, sizes, steps):
-    bw = copy_bandwidth()
+    bw = timing.copy_bandwidth(torch.device(DEV))
     report["copy_bandwidth_GBps"] = bw / 1e9
     rows = []
     for mname, spec in [("growing-16x128", nf.growing_spec()), ("texture-12x96", nf.texture_spec())]:
@@ -177,6 +154,23 @@ def decoders(report):
     report["decoders"] = rows
 
 
+# Relative (norm) error of one step against float64, by state dtype and MLP precision.
+TOLERANCE = {("float32", "ieee"): 1e-5, ("float32", "tf32"): 3e-3, ("float16", "tf32"): 2e-2,
+             ("bfloat16", "tf32"): 5e-2}
+
+
+def failures(report) -> list:
+    c = report.get("correctness", {})
+    out = [f"{r['model']} {r['dtype']}/{r['mlp']}: rel. error {r['rel_error']:.2e} > "
+           f"{TOLERANCE[(r['dtype'], r['mlp'])]:g}" for r in c.get("step", [])
+           if not (r["finite"] and r["rel_error"] <= TOLERANCE[(r["dtype"], r["mlp"])])]
+    if c and not c.get("masks_bit_identical"):
+        out.append("in-kernel update masks differ from nca_fast.rng")
+    if c and not c.get("rollout50_rel_error", 1.0) <= 1e-3:
+        out.append(f"50-step fp32 rollout rel. error {c.get('rollout50_rel_error')} > 1e-3")
+    return out
+
+
 def markdown(report) -> str:
     lines = [f"# gpu_check — {report['device']} — {report['date']}", "",
              f"torch {report['torch']}, triton {report['triton']}, copy bandwidth "
@@ -185,6 +179,7 @@ def markdown(report) -> str:
     c = report.get("correctness", {})
     for r in c.get("step", []):
         lines.append(f"| {r['model']} | {r['dtype']} | {r['mlp']} | {r['rel_error']:.2e} | {r['max_abs']:.2e} | {r['finite']} |")
+    lines += ["", "**FAILED:** " + "; ".join(report["failures"]) if report.get("failures") else "all checks passed"]
     lines += ["", f"masks bit-identical: {c.get('masks_bit_identical')}; 50-step rollout (fp32 ieee) rel. error "
               f"{c.get('rollout50_rel_error', float('nan')):.2e}", "", "## Throughput", "",
               "| model | provider | grid | G cell-updates/s | ms/step | vs reference | of memory floor | peak MB |",
@@ -228,10 +223,13 @@ def main():
         report["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
+        report["failures"] = failures(report)
         report["wall_s"] = time.time() - t0
         (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
         (args.out / "gpu_check.md").write_text(markdown(report))
         print(markdown(report))
+    if report["failures"]:
+        sys.exit("gpu_check FAILED: " + "; ".join(report["failures"]))
 
 
 if __name__ == "__main__":

@@ -168,9 +168,9 @@ class NCA(nn.Module):
         Returns the final state ``[B, C, H, W]``, or with ``every=k`` the states after every k-th
         step stacked as ``[steps // k, B, C, H, W]``. For long renders use :meth:`frames`.
         """
-        if every is None:
+        if every is None:  # one frame, at the end (the fused path materialises the state once)
             out = x
-            for _, out in self.frames(x, steps, seed=seed, start_step=start_step, every=1,
+            for _, out in self.frames(x, steps, seed=seed, start_step=start_step, every=max(steps, 1),
                                       origin=origin, backend=backend):
                 pass
             return out.clone() if out is x else out

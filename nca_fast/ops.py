@@ -22,7 +22,8 @@ _PAD_CODES = {"zeros": 0, "circular": 1, "replicate": 2}
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET, parsed as Triton does)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 
 
 _TRITON_PROBLEM: Optional[str] = None
@@ -179,6 +180,11 @@ def counter_tensor(seed: int, step: int, device) -> torch.Tensor:
     return torch.tensor([_seed_word(seed), step], dtype=torch.int64, device=device)
 
 
+def _i32(v: int) -> int:
+    """``v`` mod 2**32 as a signed 32-bit kernel argument: Philox counters only see the low 32 bits."""
+    return (int(v) + 2**31) % 2**32 - 2**31
+
+
 def _clamp_args(spec: NCASpec):
     out = []
     for r in (spec.perception_clamp, spec.hidden_clamp, spec.update_clamp, spec.state_clamp):
@@ -235,6 +241,9 @@ def decode_epilogue(decoder, cfg: StepConfig, shape, dtype, device) -> FusedDeco
         dw0[:spec.channels, :spec.hidden] = p["w0"].t()
         db0[:spec.hidden] = p["b0"]
     B, _, H, W = shape
+    if K * H * R * W * R >= 2**31:
+        raise ValueError(f"a {K}x{H * R}x{W * R} frame exceeds the fused epilogue's 32-bit indexing; "
+                         "decode in tiles of the grid")
     image = torch.empty(B, K, H * R, W * R, dtype=dtype, device=device)
     return FusedDecode(image, (dw0.to(wdt), db0, dw1.to(wdt), db1), R, K, N, DH, NPAD, NB)
 
@@ -255,13 +264,14 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
     n_tiles = B * n_th * n_tw
     w1, b1, w2, b2 = packed
     dummy = dst_pre if dst_pre is not None else ctr
-    mask = update_mask.view(torch.uint8) if update_mask is not None else dummy
+    mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else dummy
     dec_args = decode.args() if decode is not None else (dummy,) * 5
-    nca_step_kernel[(_grid_programs(n_tiles, src.device),)](
+    programs = _grid_programs(n_tiles, src.device)
+    nca_step_kernel[(programs,)](
         src, src_pre if src_pre is not None else dummy, dst, dst_pre if dst_pre is not None else dummy,
         mask, ctr, w1, b1, w2, b2, *dec_args,
-        B, H, W, n_tw, n_th * n_tw, n_tiles,
-        step_offset, int(origin[0]), int(origin[1]), batch_offset, rng.fire_threshold(fire_rate),
+        H, W, n_tw, n_th * n_tw, n_tiles, -(-n_tiles // programs),
+        step_offset, _i32(origin[0]), _i32(origin[1]), _i32(batch_offset), rng.fire_threshold(fire_rate),
         float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
         num_warps=cfg.num_warps, **cfg.constexprs(pending, update_mask is not None),
         **(decode.constexprs() if decode is not None else {}))
@@ -276,8 +286,10 @@ def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst,
     n_tw, n_th = -(-W // cfg.BW), -(-H // cfg.BH)
     n_tiles = B * n_th * n_tw
     dec_args = decode.args() if decode is not None else (dst,) * 5
-    nca_finalize_kernel[(_grid_programs(n_tiles, src.device),)](
-        src, src_pre, dst, *dec_args, H, W, n_tw, n_th * n_tw, n_tiles, float(spec.alive_threshold),
+    programs = _grid_programs(n_tiles, src.device)
+    nca_finalize_kernel[(programs,)](
+        src, src_pre, dst, *dec_args, H, W, n_tw, n_th * n_tw, n_tiles, -(-n_tiles // programs),
+        float(spec.alive_threshold),
         C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW, DOT=cfg.DOT,
         num_warps=4 if decode is None else cfg.num_warps,
         **(decode.constexprs() if decode is not None else {}))
@@ -370,10 +382,11 @@ class FusedRollout:
         self.graph = None
         self.decode = None if decoder is None else decode_epilogue(decoder, self.cfg, shape, dtype, device)
 
-    def launch(self, k: int, src, src_pre, frame: bool = False):
-        """Step ``k`` of the rollout from ``src``; returns the buffers it wrote (pending form).
-        ``frame``: decode this step's state (models without alive masks decode in this pass)."""
-        dst, dst_pre = self.bufs[k % 2], self.pres[k % 2]
+    def launch(self, k: int, src, src_pre, frame: bool = False, dst=None):
+        """Step ``k`` of the rollout from ``src`` into ``dst`` (default: a ping-pong buffer); returns
+        the buffers it wrote (pending form). ``frame``: decode this step's state (models without
+        alive masks decode in this pass)."""
+        dst, dst_pre = (self.bufs[k % 2] if dst is None else dst), self.pres[k % 2]
         decode = self.decode if frame and not self.cfg.ALIVE else None
         launch_step(self.cfg, self.spec, self.packed, src, src_pre, dst, dst_pre, self.ctr, step_offset=k,
                     origin=self.origin, fire_rate=self.spec.fire_rate, pending=k > 0, decode=decode)
@@ -386,14 +399,16 @@ class FusedRollout:
             return self.out
         if self.out is None:
             self.out = torch.empty_like(src)
-        return self.out.copy_(src)
+        return self.out if src is self.out else self.out.copy_(src)
 
     def _run(self):
         if self.steps == 0:
             return self.out.copy_(self.x)
         src, src_pre = self.x, None
         for k in range(self.steps):
-            src, src_pre = self.launch(k, src, src_pre, frame=k == self.steps - 1)
+            last = k == self.steps - 1  # without alive masks the last step writes the result itself
+            src, src_pre = self.launch(k, src, src_pre, frame=last,
+                                       dst=self.out if last and not self.cfg.ALIVE else None)
         return self.materialise(src, src_pre)
 
     def capture(self):
@@ -424,6 +439,10 @@ class FusedRollout:
             raise ValueError(f"FusedRollout was built for {self.shape} {self.dtype} on {self.device}, "
                              f"got {tuple(x.shape)} {x.dtype} on {x.device}")
         rng.check_seed(seed)
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or \
+                not 0 <= start_step <= 2**32 - max(self.steps, 1):
+            raise ValueError(f"start_step must be an int with 0 <= start_step and start_step + steps <= 2**32, "
+                             f"got {start_step!r}")
         self._static_input().copy_(x)
         self.ctr.copy_(counter_tensor(seed, start_step, "cpu"))
         if self.graph is not None:

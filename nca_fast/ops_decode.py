@@ -9,11 +9,12 @@ float16 (triton only; the reference ignores it and returns float32).
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from .ops import interpreting
 
 log = logging.getLogger("nca_fast")
 
@@ -26,14 +27,10 @@ _INT32 = 2 ** 31 - 1
 _logged: set = set()
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def unavailable_reason(decoder, x: torch.Tensor, size=None) -> str:
     """Why the fused decode cannot run ``decoder`` on ``x`` ('' when it can)."""
     spec = decoder.spec
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
         return f"state on {x.device.type} (needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)"
     try:
         import triton  # noqa: F401  (availability check)

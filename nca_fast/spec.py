@@ -122,10 +122,18 @@ class NCASpec:
         fix("filters", tuple(f if isinstance(f, Filter) else Filter(**f) for f in self.filters))
         for k in ("perception_clamp", "hidden_clamp", "update_clamp", "state_clamp"):
             fix(k, _range(getattr(self, k), k.replace("_clamp", "")))
-        if not isinstance(self.channels, int) or self.channels < 1:
-            raise ValueError(f"channels must be a positive int, got {self.channels!r}")
-        if not isinstance(self.hidden, int) or self.hidden < 1:
-            raise ValueError(f"hidden must be a positive int, got {self.hidden!r}")
+        for k in ("channels", "hidden"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive int, got {v!r}")
+        for k in ("hidden_bias", "update_bias"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"{k} must be True or False, got {getattr(self, k)!r}")
+        for k in ("fire_rate", "step_size", "alive_threshold", "render_scale", "render_offset"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{k} must be a finite number, got {v!r}")
+            fix(k, float(v))
         if not self.filters:
             raise ValueError("an NCA needs at least one perception filter")
         if self.padding not in PADDINGS:
@@ -134,6 +142,9 @@ class NCASpec:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not 0.0 <= float(self.fire_rate) <= 1.0:
             raise ValueError(f"fire_rate must be in [0, 1], got {self.fire_rate!r}")
+        if self.alive_channel is not None and (isinstance(self.alive_channel, bool) or
+                                               not isinstance(self.alive_channel, int)):
+            raise ValueError(f"alive_channel must be an int or None, got {self.alive_channel!r}")
         if self.alive_channel is not None and not 0 <= self.alive_channel < self.channels:
             raise ValueError(f"alive_channel {self.alive_channel} out of range for {self.channels} channels")
         if self.render not in RENDERS:
@@ -143,7 +154,6 @@ class NCASpec:
             raise ValueError(f"render {self.render!r} needs at least {need} channels, got {self.channels}")
         if self.seed_kind not in SEED_KINDS:
             raise ValueError(f"seed_kind must be one of {SEED_KINDS}, got {self.seed_kind!r}")
-        fix("fire_rate", float(self.fire_rate))
         fix("_json", self.to_json(sort_keys=True))  # the op's key: computed once, outside any trace
 
     @property

@@ -1,4 +1,6 @@
-"""Shared test setup: make tests/ importable (for the NumPy twin ``numpy_nca``) under any import mode."""
+"""Shared test setup: the Triton interpreter on machines without a GPU, and tests/ importable (for the
+NumPy twin ``numpy_nca``) under any import mode."""
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -6,6 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+# Without a GPU the fused kernels are tested in Triton's interpreter, which must be chosen before
+# anything imports a @triton.jit kernel: once, here, for every test module and in any order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:

@@ -1,22 +1,16 @@
 """Fused decode kernels against the reference decoders under the Triton interpreter (odd sizes,
-scales 1, 3, 8, both paddings), the fast sine's accuracy, and sm_80 / sm_90a compilation of every
-configuration the dispatcher can pick."""
+scales 1, 3, 8, both paddings) and the fast sine's accuracy. Their sm_80 / sm_90a compilation is in
+test_kernels_compile.py (every module of nca_fast.kernels.KERNEL_MODULES)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton's @jit kernels
 
 import importlib
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from nca_fast.decoders import build_decoder, lppn_spec, pixel_shuffle_spec
 from nca_fast.ops_decode import decode, unavailable_reason
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,34 +115,3 @@ def test_unavailable_reasons():
             decode(big, x, backend="triton")
 
 
-COMPILE_SCRIPT = r"""
-import sys
-from concurrent.futures import ProcessPoolExecutor
-from nca_fast.kernels import decode
-from nca_fast.kernels.compile import compile_config
-
-def one(job):
-    i, target = job
-    cfg = decode.compile_configs()[i]
-    return cfg.name, target, compile_config(cfg, target)
-
-if __name__ == "__main__":
-    jobs = [(i, t) for i in range(len(decode.compile_configs())) for t in ("sm_80", "sm_90a")]
-    with ProcessPoolExecutor(2) as pool:
-        for name, target, r in pool.map(one, jobs):
-            print(name, target, r["registers"], r["spill_bytes"], r["shared_bytes"], r["tensor_core"])
-    print("compiled", len(jobs))
-"""
-
-
-def test_every_config_compiles_for_sm80_and_sm90a():
-    """~1-2 minutes on 2 cores: 14 configurations x 2 targets, in a process without the interpreter."""
-    from nca_fast.kernels import decode as K
-    n = len(K.compile_configs())
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"compiled {2 * n}" in r.stdout
-    assert all("none" not in line for line in r.stdout.splitlines()[:-1]), r.stdout  # tensor cores used

@@ -7,22 +7,18 @@ of magnitude of margin while catching any wrong tap, weight or mask (errors >= 1
 round the state (and the dot operands) to 11 / 8 significant bits: tolerances are set from that.
 On a GPU, TF32 dots are checked by benchmarks/gpu_check.py instead.
 """
-import os
+import math
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
+import pytest
+import torch
 
-import math  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import nca_fast as nf  # noqa: E402
-from nca_fast import ops, rng  # noqa: E402
-from nca_fast.spec import Filter, NCASpec  # noqa: E402
+import nca_fast as nf
+from nca_fast import ops, rng
+from nca_fast.spec import Filter, NCASpec
 
 pytestmark = pytest.mark.skipif(not ops.interpreting() and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by this module) or a CUDA device")
+                                reason="needs TRITON_INTERPRET=1 (set by conftest.py without a GPU) or a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
@@ -226,3 +222,15 @@ def test_fused_rollout_object_reuses_buffers_and_takes_new_counters():
     assert [b.data_ptr() for b in r.bufs] == ptrs
     with pytest.raises(ValueError, match="built for"):
         r(x[:, :, :5], seed=0)
+
+
+@pytest.mark.parametrize("programs", [2, 3])
+def test_persistent_grid_with_spare_programs(monkeypatch, programs):
+    """On a GPU the persistent grid has fewer programs than tiles; in the last round some programs
+    have no tile left and must write nothing (here: 2 images x 4 tiles over 2 or 3 programs)."""
+    monkeypatch.setattr(ops, "_grid_programs", lambda n_tiles, device: programs)
+    g = torch.Generator().manual_seed(21)
+    spec = nf.growing_spec()
+    model, x = random_model(spec, g), random_state(spec, g, B=2, H=7, W=40)
+    torch.testing.assert_close(model.rollout(x, 2, seed=1, backend="triton"),
+                               model.rollout(x, 2, seed=1, backend="reference"), atol=2e-5, rtol=2e-5)

@@ -1,21 +1,17 @@
 """The pixel-shuffle head fused into the step (models without alive masks) or into finalize (alive
 models), against the reference rollout decoded by the reference decoder, under the interpreter."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import nca_fast as nf  # noqa: E402
-from nca_fast import ops  # noqa: E402
-from nca_fast.decoders import build_decoder  # noqa: E402
-from nca_fast.decoders.render import render_frames  # noqa: E402
-from nca_fast.decoders.spec import lppn_spec, pixel_shuffle_spec  # noqa: E402
-from nca_fast.ops_decode import decode  # noqa: E402
+import nca_fast as nf
+from nca_fast import ops
+from nca_fast.decoders import build_decoder
+from nca_fast.decoders.render import render_frames
+from nca_fast.decoders.spec import lppn_spec, pixel_shuffle_spec
+from nca_fast.ops_decode import decode
 
 pytestmark = pytest.mark.skipif(not ops.interpreting() and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by this module) or a CUDA device")
+                                reason="needs TRITON_INTERPRET=1 (set by conftest.py without a GPU) or a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

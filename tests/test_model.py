@@ -242,6 +242,12 @@ def test_filter_presets():
     (dict(seed_kind="noise"), "seed_kind must be one of"),
     (dict(state_clamp=(1.0, -1.0)), "state clamp must be"),
     (dict(filters=(Filter.preset("identity"), dict(name="bad", taps=((1, 2), (3, 4))))), "taps must be 3x3"),
+    (dict(channels=True), "channels must be a positive int"),
+    (dict(step_size="x"), "step_size must be a finite number"),
+    (dict(step_size=float("nan")), "step_size must be a finite number"),
+    (dict(alive_threshold=None), "alive_threshold must be a finite number"),
+    (dict(hidden_bias="false"), "hidden_bias must be True or False"),
+    (dict(alive_channel=True), "alive_channel must be an int or None"),
 ])
 def test_spec_validation_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -41,8 +41,8 @@ def _pipelines(model, x, backend: str) -> Dict[str, Callable[[int], object]]:
                                               precision="fp16")}
     step = lambda k: model.step(x, seed=0, step=k, backend=backend)  # noqa: E731
     return {"step": step,
-            "step+pixel_shuffle": lambda k: decode(ps, step(k), backend="reference"),
-            "step+lppn": lambda k: decode(lppn, step(k), backend="reference")}
+            "step+pixel_shuffle": lambda k: decode(ps, step(k), backend=backend),
+            "step+lppn": lambda k: decode(lppn, step(k), backend=backend)}
 
 
 @torch.no_grad()

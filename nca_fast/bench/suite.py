@@ -144,6 +144,8 @@ def run_one(case: Case, model: NCA, provider: Union[str, Provider], device: torc
     r.notes += runner.notes
     try:
         r.verify_error = verify(runner, model, x0)
+        if runner.verify_timed is not None:
+            r.verify_error = max(r.verify_error, runner.verify_timed())
     except AssertionError as e:
         r.status, r.reason = "rejected", f"not equivalent: {e}"
         log(f"  {name}: REJECTED ({e})")

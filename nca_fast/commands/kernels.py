@@ -17,7 +17,8 @@ def add_parser(sub):
     p = sub.add_parser("kernels", help="compile every kernel configuration for a GPU target (no GPU needed)")
     p.add_argument("--target", action="append", choices=sorted(TARGETS),
                    help="GPU target; repeat for several (default: sm_80 and sm_90a)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1, help="parallel compiles (default: usable CPUs)")
     p.add_argument("--filter", default="", help="only configurations whose name contains this")
     p.add_argument("--json", help="also write the table as JSON to this file")
     p.set_defaults(func=run)
@@ -49,7 +50,9 @@ def _compile(job):
 
 
 def run(args) -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from ..ops import interpreting
+
+    if interpreting():
         # Under the interpreter @triton.jit gives uncompilable functions: run in a clean process.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "nca_fast.cli", *sys.argv[1:]], env=env)

@@ -12,22 +12,31 @@ def render_frames(model, decoder, x: torch.Tensor, steps: int, *, every: int = 1
     """Yield ``(steps_done, image [B, K, Ho, Wo])`` after every ``every``-th step of ``model.frames``.
 
     ``backend`` drives both the steps and the decode. On the fused path a pixel-shuffle decoder runs
-    in the same pass as the step (``nca_fast.ops.fused_render``) and the image buffer is reused by
-    the next frame: copy it to keep it."""
+    in the same pass as the step (``nca_fast.ops.fused_render``): its image has the state's dtype, is
+    computed with the step's MLP precision (``model.fp32_matmul``), and its buffer is reused by the
+    next frame (copy it to keep it). Arguments are checked at the call.
+    """
     from ..ops import fused_render
-    from ..ops_decode import decode
+    from ..ops_decode import PRECISIONS
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if decoder.spec.channels != model.spec.channels:
         raise ValueError(f"decoder takes {decoder.spec.channels} channels, the model has "
                          f"{model.spec.channels}")
     decoder.check_state(x)
-    model._check_state(x)
+    frames = model.frames(x, steps, seed=seed, every=every, backend=backend)  # checks the rest
     fusable = (decoder.spec.kind == "pixel_shuffle" and size is None and precision == "fp32"
                and decoder.spec.hidden <= 128 and x.dtype != torch.float64)
     if fusable and model._resolve_backend(backend, x) == "triton":
-        yield from fused_render(model, decoder, x, steps, seed=seed, every=every)
-        return
-    for k, state in model.frames(x, steps, seed=seed, every=every, backend=backend):
+        return fused_render(model, decoder, x, steps, seed=seed, every=every)
+    return _decoded(frames, decoder, backend, size, precision)
+
+
+def _decoded(frames, decoder, backend, size, precision):
+    from ..ops_decode import decode
+
+    for k, state in frames:
         yield k, decode(decoder, state, backend=backend, size=size, precision=precision)
 
 

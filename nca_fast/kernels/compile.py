@@ -52,7 +52,9 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     Keys: ``registers``, ``spill_bytes`` (local memory + stack), ``shared_bytes``,
     ``tensor_core`` (e.g. ``"HGMMA.64x64x16.F32 x4"`` or ``"none"``), ``sass_ldl_stl``.
     """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from ..ops import interpreting
+
+    if interpreting():
         raise RuntimeError("compile_config needs TRITON_INTERPRET unset (run in a separate process)")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; known: {sorted(TARGETS)}")

@@ -29,9 +29,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-PAD_ZEROS, PAD_CIRCULAR, PAD_REPLICATE = 0, 1, 2
-PAD_CODES = {"zeros": PAD_ZEROS, "circular": PAD_CIRCULAR, "replicate": PAD_REPLICATE}
-
 
 @triton.jit
 def _wrap(i, n, PAD: tl.constexpr):
@@ -146,7 +143,7 @@ def nca_step_kernel(
     src, src_pre, dst, dst_pre, fire_mask, ctr,  # state in/out [B, C, H, W]; masks u8 [B, H, W]
     w1, b1, w2, b2,  # packed: w1 [F, CP, HP], b1 [HP] fp32, w2 [HP, CP], b2 [CP] fp32
     img, dw0, db0, dw1, db1,  # DECODE: the frame [B, K, H*R, W*R] and the pixel-shuffle head
-    B, H, W, n_tiles_w, tiles_per_image, n_tiles,
+    H, W, n_tiles_w, tiles_per_image, n_tiles, tiles_per_program,
     step_offset, row0, col0, batch0, fire_threshold, threshold, step_size,
     p_lo, p_hi, h_lo, h_hi, u_lo, u_hi, s_lo, s_hi,
     C: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, F: tl.constexpr, NG: tl.constexpr,
@@ -163,6 +160,7 @@ def nca_step_kernel(
     ``ctr`` (int64 [2] on the device) holds the seed and the base step, so that a captured CUDA graph
     replays with new values; ``step_offset`` is this launch's step relative to the base.
     DOT: 0 = fp32 operands in TF32, 1 = fp32 operands in full IEEE fp32, 2 = fp16, 3 = bf16.
+    PAD: 0 = zeros, 1 = circular, 2 = replicate. TAPS / LOADS: see ``nca_fast.ops.StepConfig``.
     """
     M: tl.constexpr = BH * BW
     if DOT == 2:
@@ -185,10 +183,13 @@ def nca_step_kernel(
         bias1 = tl.load(b1 + hid)
     if HAS_B2:
         bias2 = tl.load(b2 + chan)
-    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+    for it in range(tiles_per_program):  # persistent: tiles pid, pid + nprog, ...
+        t = tl.program_id(0) + it * tl.num_programs(0)
+        row0_ = tl.where(t < n_tiles, 0, H)  # the last round may have fewer tiles than programs:
+        t = tl.minimum(t, n_tiles - 1)        # a spare program redoes a tile, its rows pushed past H
         b = t // tiles_per_image
         r = t % tiles_per_image
-        i = (r // n_tiles_w) * BH + m // BW
+        i = (r // n_tiles_w) * BH + m // BW + row0_
         j = (r % n_tiles_w) * BW + m % BW
         valid = (i < H) & (j < W)
         i = tl.minimum(i, H - 1)  # rows/columns past the edge compute a duplicate, stored nowhere
@@ -294,7 +295,7 @@ def nca_step_kernel(
 
 @triton.jit
 def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_image,
-                        n_tiles, threshold,
+                        n_tiles, tiles_per_program, threshold,
                         C: tl.constexpr, CP: tl.constexpr, ALPHA: tl.constexpr, PAD: tl.constexpr,
                         BH: tl.constexpr, BW: tl.constexpr,
                         DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3,
@@ -317,10 +318,13 @@ def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tile
     HW = H * W
     chan = tl.arange(0, CP)
     m = tl.arange(0, M)
-    for t in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+    for it in range(tiles_per_program):  # persistent: tiles pid, pid + nprog, ...
+        t = tl.program_id(0) + it * tl.num_programs(0)
+        row0_ = tl.where(t < n_tiles, 0, H)  # the last round may have fewer tiles than programs:
+        t = tl.minimum(t, n_tiles - 1)        # a spare program redoes a tile, its rows pushed past H
         b = t // tiles_per_image
         r = t % tiles_per_image
-        i = (r // n_tiles_w) * BH + m // BW
+        i = (r // n_tiles_w) * BH + m // BW + row0_
         j = (r % n_tiles_w) * BW + m % BW
         valid = (i < H) & (j < W)
         i = tl.minimum(i, H - 1)
@@ -336,8 +340,8 @@ def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tile
 
 
 # ---- every configuration the dispatcher (nca_fast.ops.step_config) can pick ----------------------
-_SCALARS_I32 = ("B", "H", "W", "n_tiles_w", "tiles_per_image", "n_tiles", "step_offset", "row0", "col0",
-                "batch0", "fire_threshold")
+_SCALARS_I32 = ("H", "W", "n_tiles_w", "tiles_per_image", "n_tiles", "tiles_per_program", "step_offset",
+                "row0", "col0", "batch0", "fire_threshold")
 _SCALARS_F32 = ("threshold", "step_size", "p_lo", "p_hi", "h_lo", "h_hi", "u_lo", "u_hi", "s_lo", "s_hi")
 _PTR = {2: "*fp16", 3: "*bf16"}
 
@@ -395,7 +399,7 @@ def compile_configs():
                 if cfg.ALIVE and dname != "ieee":  # finalize: only the pointer type varies by dtype
                     fsig = pointers(ptr, ("src", "src_pre", "dst", "img", "dw0", "db0", "dw1", "db1"))
                     fsig.update({"H": "i32", "W": "i32", "n_tiles_w": "i32", "tiles_per_image": "i32",
-                                 "n_tiles": "i32", "threshold": "fp32"})
+                                 "n_tiles": "i32", "tiles_per_program": "i32", "threshold": "fp32"})
                     fce = dict(C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW,
                                DOT=cfg.DOT, **ce_dec)
                     fsig.update({n: "constexpr" for n in fce})
