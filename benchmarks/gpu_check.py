@@ -1,39 +1,55 @@
 """The device script: GPU correctness of the fused kernels, then a short throughput table.
 
     PYTHONPATH=. python benchmarks/gpu_check.py OUT_DIR [--quick]
+    PYTHONPATH=. python benchmarks/gpu_check.py OUT_DIR --dry-run   # CPU + Triton interpreter, tiny sizes
 
 Runs in one call of under five minutes on an H100/H200 and writes OUT_DIR/gpu_check.json and
 OUT_DIR/gpu_check.md. Correctness: every state dtype of the fused step against a float64 reference
 (relative error), update masks bit-identical, a 50-step rollout; throughput: reference eager,
 torch.compile of the reference, fused fp32 (TF32 MLP), fused fp16, at 256^2 .. 4096^2, with
 cell-updates/s, peak memory and the fraction of the memory floor (bytes per cell-update / measured
-copy bandwidth).
+copy bandwidth). ``--dry-run`` runs every line of it on a CPU under the Triton interpreter at tiny
+sizes (CI does), so that GPU minutes are not spent finding a Python error.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+DRY = "--dry-run" in sys.argv
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nca_fast as nf  # noqa: E402
 from nca_fast import reference, rng  # noqa: E402
 from nca_fast.bench import timing  # noqa: E402
 
-DEV = "cuda"
+DEV = "cpu" if DRY else "cuda"
+# Sizes: (GPU, dry run).
+CORRECT_GRID = (257, 131) if not DRY else (9, 37)
+MASK_GRID = (1031, 517) if not DRY else (13, 21)
+ROLLOUT = (96, 50) if not DRY else (12, 3)
+DECODE_GRID = (270, 480) if not DRY else (6, 10)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, min_time=0.3, max_reps=200):
     """(median, min, max) seconds per call of ``fn`` (CUDA events, after one warm-up call)."""
-    dev = torch.device(DEV)
-    t = timing.measure(lambda k: fn(), device=dev, sync=lambda: torch.cuda.synchronize(dev), warmup=1,
-                       min_time=min_time, max_repeats=max_reps)
+    t = timing.measure(lambda k: fn(), device=torch.device(DEV), sync=sync, warmup=1,
+                       min_time=min_time if not DRY else 0.0, max_repeats=max_reps if not DRY else 1)
     return t.median, t.min, t.max
 
 
@@ -51,7 +67,7 @@ def correctness(report):
     for name, spec in [("growing", nf.growing_spec()), ("texture", nf.texture_spec()),
                        ("growing-replicate-64x256", nf.growing_spec(channels=64, hidden=256, padding="replicate"))]:
         model = nf.NCA(spec, init_seed=1).to(DEV)
-        x64 = grown_state(model, 3, 257, 131, torch.float64)
+        x64 = grown_state(model, 3, *CORRECT_GRID, torch.float64)
         ref = model.step(x64, seed=3, step=9, backend="reference")
         for dtype, mm in [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "tf32"),
                           (torch.bfloat16, "tf32")]:
@@ -64,18 +80,18 @@ def correctness(report):
     # masks: w = 0, b2 = 1 -> the update equals the fire mask
     spec = nf.NCASpec(channels=4, hidden=16, alive_channel=None, hidden_bias=False, fire_rate=0.5)
     m = nf.NCA(spec, {"w1": torch.zeros(16, 12), "w2": torch.zeros(4, 16), "b2": torch.ones(4)}).to(DEV)
-    x = torch.zeros(2, 4, 1031, 517, device=DEV)
+    x = torch.zeros(2, 4, *MASK_GRID, device=DEV)
     same = True
     for seed, step in [(0, 0), (123, 77), (2**63 + 5, 2**32 - 1)]:
         y = m.step(x, seed=seed, step=step, origin=(5, -9), backend="triton")
-        mask = rng.update_mask(2, 1031, 517, seed=seed, step=step, fire_rate=0.5, origin=(5, -9), device=DEV)
+        mask = rng.update_mask(2, *MASK_GRID, seed=seed, step=step, fire_rate=0.5, origin=(5, -9), device=DEV)
         same &= bool(torch.equal(y[:, :1] != 0, mask))
     # rollout: 50 steps fused fp32 (ieee) vs float64 reference
     model = nf.NCA(nf.growing_spec(), init_seed=2).to(DEV)
     model.fp32_matmul = "ieee"
-    x = grown_state(model, 2, 96, 96, torch.float32)
-    a = model.rollout(x, 50, seed=1, backend="triton").double()
-    b = model.rollout(x.double(), 50, seed=1, backend="reference")
+    x = grown_state(model, 2, ROLLOUT[0], ROLLOUT[0], torch.float32)
+    a = model.rollout(x, ROLLOUT[1], seed=1, backend="triton").double()
+    b = model.rollout(x.double(), ROLLOUT[1], seed=1, backend="reference")
     report["correctness"] = {"step": rows, "masks_bit_identical": same,
                              "rollout50_rel_error": ((a - b).norm() / b.norm()).item()}
 
@@ -99,13 +115,16 @@ def throughput(report, sizes, steps):
             for pname, (dtype, fn) in providers.items():
                 if pname in ("reference", "compile") and n > 2048:
                     continue  # a 4096^2 hidden tensor is 8.6 GB per step: measured up to 2048^2
+                if pname == "compile" and DRY:
+                    continue  # minutes of C++ compilation on a CPU
                 x = x32.to(dtype)
                 if pname == "compile":
                     def fn(x):
                         for k in range(steps):
                             x = step_c(x, rng.update_mask(1, n, n, seed=0, step=k, fire_rate=0.5, device=DEV))
                         return x
-                torch.cuda.reset_peak_memory_stats()
+                if DEV == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 med, lo, hi = timed(lambda: fn(x))
                 wall = time.perf_counter() - t0
@@ -116,7 +135,7 @@ def throughput(report, sizes, steps):
                              "s_per_step": med / steps, "min": lo / steps, "max": hi / steps,
                              "cell_updates_per_s": cells / med, "bytes_per_cell_update": bytes_per,
                              "fraction_of_memory_floor": (cells / med) / (bw / bytes_per),
-                             "peak_memory_MB": torch.cuda.max_memory_allocated() / 2**20,
+                             "peak_memory_MB": torch.cuda.max_memory_allocated() / 2**20 if DEV == "cuda" else 0,
                              "wall_s": wall})
                 print(f"{mname:16} {pname:12} {n:5}^2 {cells / med / 1e9:8.3f} G/s "
                       f"{rows[-1]['fraction_of_memory_floor']:.2f} of floor", flush=True)
@@ -138,15 +157,19 @@ def decoders(report):
     rows = []
     model = nf.NCA(nf.texture_spec(), init_seed=0).to(DEV)
     for dtype in (torch.float32, torch.float16):
-        x = grown_state(model, 1, 270, 480, dtype)
-        plain = ops.FusedRollout(model, x.shape, dtype, DEV, steps=1).capture()
+        x = grown_state(model, 1, *DECODE_GRID, dtype)
+        plain = ops.FusedRollout(model, x.shape, dtype, DEV, steps=1)
         ps = build_decoder(pixel_shuffle_spec(12, scale=8, out_channels=3)).to(DEV)
-        fused = ops.FusedRollout(model, x.shape, dtype, DEV, steps=1, decoder=ps).capture()
+        fused = ops.FusedRollout(model, x.shape, dtype, DEV, steps=1, decoder=ps)
+        if DEV == "cuda":
+            plain.capture()
+            fused.capture()
         t_plain = timed(lambda: plain(x, seed=0))[0]
         t_fused = timed(lambda: fused(x, seed=0))[0]
         lppn = build_decoder(lppn_spec(12, scale=8, out_channels=3, hidden=32, layers=3)).to(DEV)
         t_lppn = timed(lambda: decode(lppn, plain(x, seed=0), backend="triton", precision="fp16"))[0]
-        rows.append({"dtype": str(dtype).replace("torch.", ""), "grid": "480x270", "output": "3840x2160",
+        H, W = DECODE_GRID
+        rows.append({"dtype": str(dtype).replace("torch.", ""), "grid": f"{W}x{H}", "output": f"{8 * W}x{8 * H}",
                      "plain_step_ms": t_plain * 1e3, "step_plus_pixel_shuffle_ms": t_fused * 1e3,
                      "pixel_shuffle_ratio": t_fused / t_plain, "step_plus_lppn_ms": t_lppn * 1e3,
                      "lppn_frames_per_s": 1.0 / t_lppn})
@@ -190,7 +213,8 @@ def markdown(report) -> str:
                      f"{r['s_per_step'] * 1e3:.3f} | {sp} | {r['fraction_of_memory_floor']:.2f} | "
                      f"{r['peak_memory_MB']:.0f} |")
     if report.get("decoders"):
-        lines += ["", "## High-resolution output (texture model, 480x270 grid -> 3840x2160)", "",
+        r0 = report["decoders"][0]
+        lines += ["", f"## High-resolution output (texture model, {r0['grid']} grid -> {r0['output']})", "",
                   "| state | step ms | step + pixel-shuffle ms | ratio | step + LPPN (3x32, fp16) ms | LPPN frames/s |",
                   "|---|---|---|---|---|---|"]
         for r in report["decoders"]:
@@ -204,21 +228,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--quick", action="store_true", help="sizes 256 and 1024 only")
+    ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny sizes")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device")
+    if not DRY and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device (--dry-run runs it on the CPU)")
     import triton
 
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+    report = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "CPU (dry run, Triton interpreter)",
+              "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
     t0 = time.time()
     try:
         correctness(report)
         print(json.dumps(report["correctness"], indent=1), flush=True)
-        sizes = [256, 1024] if args.quick else [256, 1024, 2048, 4096]
+        sizes = [16] if DRY else [256, 1024] if args.quick else [256, 1024, 2048, 4096]
         decoders(report)
-        throughput(report, sizes, steps=10)
+        throughput(report, sizes, steps=2 if DRY else 10)
     except Exception as e:  # keep what was measured
         report["error"] = f"{type(e).__name__}: {e}"
         raise
