@@ -115,15 +115,18 @@ class NCA(nn.Module):
                                   fire_rate=fire_rate, origin=origin)
         return self._reference_step(x, seed, step, update_mask, fire_rate, origin, backend)
 
-    def _reference_step(self, x, seed, step, update_mask, fire_rate, origin, backend="reference"):
-        """The reference step (``backend='cpu'``: the CPU fast path, tested against it)."""
+    def _reference_step(self, x, seed, step, update_mask, fire_rate, origin, backend="reference",
+                        out=None):
+        """The reference step (``backend='cpu'``: the CPU fast path, tested against it, which can
+        write into ``out``, a float32 buffer like ``x``)."""
         B, _, H, W = x.shape
         if update_mask is None:
             update_mask = rng.update_mask(B, H, W, seed=seed, step=step, fire_rate=fire_rate,
                                           origin=origin, device=x.device)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        step_fn = cpu.step if backend == "cpu" else reference.step
-        y = step_fn(x.to(compute), self.params(compute), self.spec, update_mask)
+        if backend == "cpu":
+            return cpu.step(x, self.params(compute), self.spec, update_mask, out=out)
+        y = reference.step(x.to(compute), self.params(compute), self.spec, update_mask)
         return y.to(x.dtype)
 
     def frames(self, x: torch.Tensor, steps: int, *, seed: int = 0, start_step: int = 0,
@@ -153,9 +156,11 @@ class NCA(nn.Module):
             yield from ops.fused_frames(self, x, steps, seed=seed, start_step=start_step,
                                         every=every, origin=origin)
             return
+        spare = None  # the CPU fast path ping-pongs two buffers of ours (never the caller's x)
         for k in range(steps):
-            x = self._reference_step(x, seed, start_step + k, None, self.spec.fire_rate, origin,
-                                     backend)
+            y = self._reference_step(x, seed, start_step + k, None, self.spec.fire_rate, origin,
+                                     backend, out=spare if backend == "cpu" else None)
+            spare, x = (x if k > 0 else None), y
             if (k + 1) % every == 0:
                 yield k + 1, x
 

@@ -329,3 +329,17 @@ def test_triton_backend_unavailable_on_cpu(model, x, monkeypatch):
     for call in (lambda: model.step(x, backend="triton"), lambda: model.rollout(x, 2, backend="triton")):
         with pytest.raises(RuntimeError, match="backend='triton' cannot run here"):
             call()
+
+
+def test_auto_rollout_reuses_its_own_buffers_but_never_the_input():
+    """On a CPU, frames() ping-pongs two buffers of its own: the caller's state is never written,
+    and every yielded state equals the reference's."""
+    model = NCA(growing_spec(), init_seed=3)
+    x = model.seed(2, 19, 23)
+    x[:, 3:] += 0.3 * torch.rand(2, 13, 19, 23, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    auto = [s.clone() for _, s in model.frames(x, 5, seed=2, backend="auto")]
+    ref = [s.clone() for _, s in model.frames(x, 5, seed=2, backend="reference")]
+    assert torch.equal(x, before)
+    for a, r in zip(auto, ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
