@@ -94,12 +94,19 @@ class StepConfig:
     BH: int
     BW: int
     num_warps: int
+    # No software pipelining across the persistent loop's tiles: with 2 stages Triton double-buffers
+    # all nine neighbour loads and the weights in shared memory (160-680 KB: beyond a Hopper SM's
+    # 227 KB for the larger configurations); with 1 the growing model's step needs 8 KB.
+    num_stages: int = 1
 
     def constexprs(self, pending: bool, has_mask: bool) -> dict:
+        from .kernels.step import dot_types
+
         d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "NG", "TAPS", "LOADS", "PAD", "ALPHA", "ALIVE",
                                            "HAS_B1", "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP",
-                                           "S_CLAMP", "DOT", "BH", "BW")}
+                                           "S_CLAMP", "BH", "BW")}
         d.update(PENDING=pending and self.ALIVE, HAS_MASK=has_mask)
+        d["DOT_T"], d["PREC"] = dot_types(self.DOT)
         return d
 
 
@@ -273,14 +280,14 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
         H, W, n_tw, n_th * n_tw, n_tiles, -(-n_tiles // programs),
         step_offset, _i32(origin[0]), _i32(origin[1]), _i32(batch_offset), rng.fire_threshold(fire_rate),
         float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
-        num_warps=cfg.num_warps, **cfg.constexprs(pending, update_mask is not None),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs(pending, update_mask is not None),
         **(decode.constexprs() if decode is not None else {}))
 
 
 def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst,
                     decode: Optional[FusedDecode] = None) -> None:
     """Pending form ``(src, src_pre)`` -> the true state in ``dst`` (and its frame with ``decode``)."""
-    from .kernels.step import nca_finalize_kernel
+    from .kernels.step import dot_types, nca_finalize_kernel
 
     B, C, H, W = src.shape
     n_tw, n_th = -(-W // cfg.BW), -(-H // cfg.BH)
@@ -290,8 +297,9 @@ def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst,
     nca_finalize_kernel[(programs,)](
         src, src_pre, dst, *dec_args, H, W, n_tw, n_th * n_tw, n_tiles, -(-n_tiles // programs),
         float(spec.alive_threshold),
-        C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW, DOT=cfg.DOT,
-        num_warps=4 if decode is None else cfg.num_warps,
+        C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW,
+        **dict(zip(("DOT_T", "PREC"), dot_types(cfg.DOT))),
+        num_warps=4 if decode is None else cfg.num_warps, num_stages=cfg.num_stages,
         **(decode.constexprs() if decode is not None else {}))
 
 

@@ -205,7 +205,7 @@ def fused_decode(decoder, x: torch.Tensor, *, size=None, precision: str = "fp32"
                             H, W, Ho, Wo, spec.out_channels, spec.frequencies, spec.layers - 1,
                             int(spec.padding == "circular"), HID=pk["hid"],
                             BLOCK_P=launch["BLOCK_P"], DOT_FP16=fp16,
-                            num_warps=launch["num_warps"])
+                            num_warps=launch["num_warps"], num_stages=launch["num_stages"])
     else:
         launch = K.pixel_shuffle_launch(pk["hid"])
         grid = (triton_cdiv(H * W, launch["BLOCK_M"]), pk["n_pad"] // launch["N_BLOCK"], B)
@@ -213,7 +213,7 @@ def fused_decode(decoder, x: torch.Tensor, *, size=None, precision: str = "fp32"
                                      C, H, W, spec.out_channels, spec.scale, spec.head_outputs,
                                      pk["n_pad"], HID=pk["hid"], BLOCK_M=launch["BLOCK_M"],
                                      N_BLOCK=launch["N_BLOCK"], DOT_FP16=fp16,
-                                     num_warps=launch["num_warps"])
+                                     num_warps=launch["num_warps"], num_stages=launch["num_stages"])
     return out
 
 

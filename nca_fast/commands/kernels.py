@@ -10,7 +10,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from ..kernels import KERNEL_MODULES
-from ..kernels.compile import TARGETS
+from ..kernels.compile import SHARED_LIMIT, TARGETS
 
 
 def add_parser(sub):
@@ -44,7 +44,11 @@ def _compile(job):
 
     cfg = importlib.import_module(module).compile_configs()[index]
     try:
-        return {"ok": True, **compile_config(cfg, target)}
+        res = compile_config(cfg, target)
+        if res["shared_bytes"] > SHARED_LIMIT[target]:
+            return {"ok": False, **res, "error": f"{res['shared_bytes']} B of shared memory exceed "
+                                                 f"{target}'s {SHARED_LIMIT[target]} B per block"}
+        return {"ok": True, **res}
     except Exception as e:  # reported in the table; the command fails at the end
         return {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
 
@@ -73,7 +77,7 @@ def run(args) -> int:
                   f"{res['shared_bytes']:>7}  {res['tensor_core']}")
         else:
             failed += 1
-            print(f"{target:7} {name:34} COMPILE ERROR: {res['error']}")
+            print(f"{target:7} {name:34} ERROR: {res['error']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict
 
 TARGETS = {"sm_80": 80, "sm_90a": 90}
+# The most shared memory one block may use (opt-in maximum): A100 163 KB, H100/H200 227 KB. A kernel
+# that compiles above it fails at launch ("out of resource: shared memory").
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 
 
 @dataclass(frozen=True)

@@ -198,12 +198,12 @@ def pixel_shuffle_kernel(x_ptr, out_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr,
 # ---- configurations the dispatcher (nca_fast.ops_decode) can pick --------------------------------
 def lppn_launch(hid: int) -> dict:
     """BLOCK_P / num_warps for a padded hidden width (keeps the [BLOCK_P, HID] tiles in registers)."""
-    return {32: dict(BLOCK_P=128, num_warps=4), 64: dict(BLOCK_P=128, num_warps=8),
-            128: dict(BLOCK_P=64, num_warps=8)}[hid]
+    return {32: dict(BLOCK_P=128, num_warps=4, num_stages=2), 64: dict(BLOCK_P=128, num_warps=8, num_stages=2),
+            128: dict(BLOCK_P=64, num_warps=8, num_stages=2)}[hid]
 
 
 def pixel_shuffle_launch(hid: int) -> dict:
-    return dict(BLOCK_M=64, N_BLOCK=PS_N_BLOCK, num_warps=4)
+    return dict(BLOCK_M=64, N_BLOCK=PS_N_BLOCK, num_warps=4, num_stages=2)
 
 
 def compile_configs():
@@ -223,7 +223,7 @@ def compile_configs():
             cfgs.append(KernelConfig(
                 f"lppn_h{hid}_{'fp16' if fp16 else 'fp32'}", lppn_kernel, sig,
                 dict(HID=hid, BLOCK_P=launch["BLOCK_P"], DOT_FP16=fp16),
-                num_warps=launch["num_warps"]))
+                num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
     for hid in (0,) + HIDDEN_SIZES:
         launch = pixel_shuffle_launch(hid)
         for fp16 in (False, True):
@@ -235,5 +235,5 @@ def compile_configs():
             cfgs.append(KernelConfig(
                 f"pixel_shuffle_h{hid}_{'fp16' if fp16 else 'fp32'}", pixel_shuffle_kernel,
                 sig, dict(HID=hid, BLOCK_M=launch["BLOCK_M"], N_BLOCK=launch["N_BLOCK"],
-                          DOT_FP16=fp16), num_warps=launch["num_warps"]))
+                          DOT_FP16=fp16), num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
     return cfgs

@@ -30,6 +30,13 @@ import triton
 import triton.language as tl
 
 
+def dot_types(dot: int):
+    """(operand dtype, fp32 input precision) of the MLP dots for a DOT code: 0 = fp32 operands in
+    TF32, 1 = fp32 operands in full IEEE fp32, 2 = fp16, 3 = bf16 (fp32 accumulation always)."""
+    return {0: (tl.float32, "tf32"), 1: (tl.float32, "ieee"), 2: (tl.float16, "tf32"),
+            3: (tl.bfloat16, "tf32")}[dot]
+
+
 @triton.jit
 def _wrap(i, n, PAD: tl.constexpr):
     """Map a (possibly outside) coordinate into [0, n) by the padding mode; zeros clamps (the
@@ -100,19 +107,19 @@ def _load_state(src, pre, i, j, chan, H, W, HW, threshold, C: tl.constexpr, ALPH
 
 @triton.jit
 def _layer1(p, w1, f: tl.constexpr, acc, chan, hid, CP: tl.constexpr, HP: tl.constexpr,
-            P_CLAMP: tl.constexpr, p_lo, p_hi, dot_t: tl.constexpr, prec: tl.constexpr):
+            P_CLAMP: tl.constexpr, p_lo, p_hi, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """acc += clamp(p) @ w1[f]: perception of filter f [M, CP] times its weight block [CP, HP]."""
     if P_CLAMP:
         p = tl.minimum(tl.maximum(p, p_lo), p_hi)
     wf = tl.load(w1 + f * CP * HP + chan[:, None] * HP + hid[None, :])
-    return tl.dot(p.to(dot_t), wf, acc, input_precision=prec)
+    return tl.dot(p.to(DOT_T), wf, acc, input_precision=PREC)
 
 
 @triton.jit
 def _pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
                        CP: tl.constexpr, R: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-                       DH: tl.constexpr, NPAD: tl.constexpr, NB: tl.constexpr, dot_t: tl.constexpr,
-                       prec: tl.constexpr):
+                       DH: tl.constexpr, NPAD: tl.constexpr, NB: tl.constexpr, DOT_T: tl.constexpr,
+                       PREC: tl.constexpr):
     """Decode the true state tile ``t [M, CP]`` into its ``R x R`` pixel blocks of ``img
     [B, K, H*R, W*R]`` while it is still in registers (the frame costs K*R*R stores per cell and no
     state re-read). Head: ``DH > 0``: relu(t @ dw0 [CP, DH] + db0) @ dw1 [DH, NPAD] + db1, else
@@ -120,15 +127,15 @@ def _pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
     chan = tl.arange(0, CP)
     if DH > 0:
         hcol = tl.arange(0, DH)
-        hdec = tl.dot(t.to(dot_t), tl.load(dw0 + chan[:, None] * DH + hcol[None, :]), input_precision=prec)
-        hdec = tl.maximum(hdec + tl.load(db0 + hcol)[None, :], 0.0).to(dot_t)
+        hdec = tl.dot(t.to(DOT_T), tl.load(dw0 + chan[:, None] * DH + hcol[None, :]), input_precision=PREC)
+        hdec = tl.maximum(hdec + tl.load(db0 + hcol)[None, :], 0.0).to(DOT_T)
     Wo = W * R
     for n0 in tl.static_range(0, NPAD, NB):
         n = n0 + tl.arange(0, NB)
         if DH > 0:
-            o = tl.dot(hdec, tl.load(dw1 + hcol[:, None] * NPAD + n[None, :]), input_precision=prec)
+            o = tl.dot(hdec, tl.load(dw1 + hcol[:, None] * NPAD + n[None, :]), input_precision=PREC)
         else:
-            o = tl.dot(t.to(dot_t), tl.load(dw1 + chan[:, None] * NPAD + n[None, :]), input_precision=prec)
+            o = tl.dot(t.to(DOT_T), tl.load(dw1 + chan[:, None] * NPAD + n[None, :]), input_precision=PREC)
         o += tl.load(db1 + n)[None, :]
         k = n // (R * R)
         ii = (n % (R * R)) // R
@@ -151,7 +158,7 @@ def nca_step_kernel(
     PAD: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr, PENDING: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     P_CLAMP: tl.constexpr, H_CLAMP: tl.constexpr, U_CLAMP: tl.constexpr, S_CLAMP: tl.constexpr,
-    DOT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    DOT_T: tl.constexpr, PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3, N: tl.constexpr = 3,
     DH: tl.constexpr = 0, NPAD: tl.constexpr = 16, NB: tl.constexpr = 16,
 ):
@@ -159,20 +166,10 @@ def nca_step_kernel(
 
     ``ctr`` (int64 [2] on the device) holds the seed and the base step, so that a captured CUDA graph
     replays with new values; ``step_offset`` is this launch's step relative to the base.
-    DOT: 0 = fp32 operands in TF32, 1 = fp32 operands in full IEEE fp32, 2 = fp16, 3 = bf16.
+    DOT_T / PREC: the MLP's dot operand dtype and fp32 input precision (see ``dot_types``).
     PAD: 0 = zeros, 1 = circular, 2 = replicate. TAPS / LOADS: see ``nca_fast.ops.StepConfig``.
     """
     M: tl.constexpr = BH * BW
-    if DOT == 2:
-        dot_t: tl.constexpr = tl.float16
-    elif DOT == 3:
-        dot_t: tl.constexpr = tl.bfloat16
-    else:
-        dot_t: tl.constexpr = tl.float32
-    if DOT == 1:
-        prec: tl.constexpr = "ieee"
-    else:
-        prec: tl.constexpr = "tf32"
     HW = H * W
     chan = tl.arange(0, CP)
     hid = tl.arange(0, HP)
@@ -244,20 +241,20 @@ def nca_step_kernel(
                             if PENDING:  # (where first: -inf * 0 would be NaN outside the grid)
                                 a = tl.where(ok, tl.where(ok, a, 0.0) * keep, a)
                             pool = tl.maximum(pool, a)
-            acc = _layer1(p0, w1, 4 * g, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, dot_t, prec)
+            acc = _layer1(p0, w1, 4 * g, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
             if 4 * g + 1 < F:
-                acc = _layer1(p1, w1, 4 * g + 1, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, dot_t, prec)
+                acc = _layer1(p1, w1, 4 * g + 1, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
             if 4 * g + 2 < F:
-                acc = _layer1(p2, w1, 4 * g + 2, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, dot_t, prec)
+                acc = _layer1(p2, w1, 4 * g + 2, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
             if 4 * g + 3 < F:
-                acc = _layer1(p3, w1, 4 * g + 3, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, dot_t, prec)
+                acc = _layer1(p3, w1, 4 * g + 3, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
         if HAS_B1:
             acc += bias1[None, :]
         h = tl.maximum(acc, 0.0)
         if H_CLAMP:
             h = tl.minimum(tl.maximum(h, h_lo), h_hi)
         w2t = tl.load(w2 + hid[:, None] * CP + chan[None, :])
-        dx = tl.dot(h.to(dot_t), w2t, input_precision=prec)
+        dx = tl.dot(h.to(DOT_T), w2t, input_precision=PREC)
         if HAS_B2:
             dx += bias2[None, :]
         if U_CLAMP:
@@ -288,7 +285,7 @@ def nca_step_kernel(
         tl.store(dst + image + out, y.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
         if DECODE:  # only for models without alive masks: y is the true state (else see finalize)
             _pixel_shuffle_out(y, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
-                               dot_t, prec)
+                               DOT_T, PREC)
         if ALIVE:
             tl.store(dst_pre + b.to(tl.int64) * HW + i * W + j, (pool > threshold).to(tl.uint8), mask=valid)
 
@@ -300,20 +297,11 @@ def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tile
                         BH: tl.constexpr, BW: tl.constexpr,
                         DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3,
                         N: tl.constexpr = 3, DH: tl.constexpr = 0, NPAD: tl.constexpr = 16,
-                        NB: tl.constexpr = 16, DOT: tl.constexpr = 0):
+                        NB: tl.constexpr = 16, DOT_T: tl.constexpr = tl.float32,
+                        PREC: tl.constexpr = "tf32"):
     """Pending form -> true state: ``dst = y * (pre & alive(y))``, and with DECODE its pixel-shuffle
     frame. Memory-bound: reads C values + a byte per cell (the 3x3 alpha re-reads hit cache),
     writes C values (+ K*R*R pixels)."""
-    if DOT == 2:
-        dot_t: tl.constexpr = tl.float16
-    elif DOT == 3:
-        dot_t: tl.constexpr = tl.bfloat16
-    else:
-        dot_t: tl.constexpr = tl.float32
-    if DOT == 1:
-        prec: tl.constexpr = "ieee"
-    else:
-        prec: tl.constexpr = "tf32"
     M: tl.constexpr = BH * BW
     HW = H * W
     chan = tl.arange(0, CP)
@@ -336,7 +324,7 @@ def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tile
         tl.store(dst + image + out, x.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
         if DECODE:
             _pixel_shuffle_out(x, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
-                               dot_t, prec)
+                               DOT_T, PREC)
 
 
 # ---- every configuration the dispatcher (nca_fast.ops.step_config) can pick ----------------------
@@ -395,15 +383,17 @@ def compile_configs():
                     ce = {**cfg.constexprs(pending=True, has_mask=False), **ce_dec}
                     sig.update({n: "constexpr" for n in ce})
                     configs.append(KernelConfig(f"step/{sname}/{dname}{dec_name}", nca_step_kernel, sig, ce,
-                                                num_warps=cfg.num_warps, note=f"tile {cfg.BH}x{cfg.BW}"))
+                                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                                note=f"tile {cfg.BH}x{cfg.BW}"))
                 if cfg.ALIVE and dname != "ieee":  # finalize: only the pointer type varies by dtype
                     fsig = pointers(ptr, ("src", "src_pre", "dst", "img", "dw0", "db0", "dw1", "db1"))
                     fsig.update({"H": "i32", "W": "i32", "n_tiles_w": "i32", "tiles_per_image": "i32",
                                  "n_tiles": "i32", "tiles_per_program": "i32", "threshold": "fp32"})
                     fce = dict(C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW,
-                               DOT=cfg.DOT, **ce_dec)
+                               **dict(zip(("DOT_T", "PREC"), dot_types(cfg.DOT))), **ce_dec)
                     fsig.update({n: "constexpr" for n in fce})
                     configs.append(KernelConfig(f"finalize/{sname}/{dname}{dec_name}", nca_finalize_kernel,
                                                 fsig, fce, num_warps=cfg.num_warps if dec else 4,
+                                                num_stages=cfg.num_stages,
                                                 note=f"tile {cfg.BH}x{cfg.BW}"))
     return configs
