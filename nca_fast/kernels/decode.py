@@ -199,7 +199,7 @@ def pixel_shuffle_kernel(x_ptr, out_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr,
 def lppn_launch(hid: int) -> dict:
     """BLOCK_P / num_warps for a padded hidden width (keeps the [BLOCK_P, HID] tiles in registers)."""
     return {32: dict(BLOCK_P=128, num_warps=4, num_stages=2), 64: dict(BLOCK_P=128, num_warps=8, num_stages=2),
-            128: dict(BLOCK_P=64, num_warps=8, num_stages=2)}[hid]
+            128: dict(BLOCK_P=64, num_warps=8, num_stages=1)}[hid]  # 2 stages: 256 KB of smem
 
 
 def pixel_shuffle_launch(hid: int) -> dict:
