@@ -48,6 +48,24 @@ def _wrap(i, n, PAD: tl.constexpr):
 
 
 @triton.jit
+def _tile(it, n_tiles, tiles_per_image, n_tiles_w, H, W, BH: tl.constexpr, BW: tl.constexpr):
+    """Round ``it`` of the persistent loop: this program's tile (tiles pid, pid + nprog, ...) as
+    (image b, rows i [M], columns j [M], valid [M]). Cells past the grid's edge are clamped onto it
+    (they compute a duplicate that is stored nowhere); in the last round a program left without a
+    tile redoes the last one with every row pushed past H, so it stores nothing."""
+    m = tl.arange(0, BH * BW)
+    t = tl.program_id(0) + it * tl.num_programs(0)
+    spare = tl.where(t < n_tiles, 0, H)
+    t = tl.minimum(t, n_tiles - 1)
+    b = t // tiles_per_image
+    r = t % tiles_per_image
+    i = (r // n_tiles_w) * BH + m // BW + spare
+    j = (r % n_tiles_w) * BW + m % BW
+    valid = (i < H) & (j < W)
+    return b, tl.minimum(i, H - 1), tl.minimum(j, W - 1), valid
+
+
+@triton.jit
 def _inside(i, j, H, W):
     return (i >= 0) & (i < H) & (j >= 0) & (j < W)
 
@@ -173,7 +191,6 @@ def nca_step_kernel(
     HW = H * W
     chan = tl.arange(0, CP)
     hid = tl.arange(0, HP)
-    m = tl.arange(0, M)
     seed = tl.load(ctr)
     step = (tl.load(ctr + 1) + step_offset).to(tl.uint32)
     if HAS_B1:
@@ -181,16 +198,7 @@ def nca_step_kernel(
     if HAS_B2:
         bias2 = tl.load(b2 + chan)
     for it in range(tiles_per_program):  # persistent: tiles pid, pid + nprog, ...
-        t = tl.program_id(0) + it * tl.num_programs(0)
-        row0_ = tl.where(t < n_tiles, 0, H)  # the last round may have fewer tiles than programs:
-        t = tl.minimum(t, n_tiles - 1)        # a spare program redoes a tile, its rows pushed past H
-        b = t // tiles_per_image
-        r = t % tiles_per_image
-        i = (r // n_tiles_w) * BH + m // BW + row0_
-        j = (r % n_tiles_w) * BW + m % BW
-        valid = (i < H) & (j < W)
-        i = tl.minimum(i, H - 1)  # rows/columns past the edge compute a duplicate, stored nowhere
-        j = tl.minimum(j, W - 1)
+        b, i, j, valid = _tile(it, n_tiles, tiles_per_image, n_tiles_w, H, W, BH, BW)
         image = b.to(tl.int64) * C * HW
         x_in = src + image
         pre_in = src_pre + b.to(tl.int64) * HW
@@ -302,21 +310,10 @@ def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tile
     """Pending form -> true state: ``dst = y * (pre & alive(y))``, and with DECODE its pixel-shuffle
     frame. Memory-bound: reads C values + a byte per cell (the 3x3 alpha re-reads hit cache),
     writes C values (+ K*R*R pixels)."""
-    M: tl.constexpr = BH * BW
     HW = H * W
     chan = tl.arange(0, CP)
-    m = tl.arange(0, M)
     for it in range(tiles_per_program):  # persistent: tiles pid, pid + nprog, ...
-        t = tl.program_id(0) + it * tl.num_programs(0)
-        row0_ = tl.where(t < n_tiles, 0, H)  # the last round may have fewer tiles than programs:
-        t = tl.minimum(t, n_tiles - 1)        # a spare program redoes a tile, its rows pushed past H
-        b = t // tiles_per_image
-        r = t % tiles_per_image
-        i = (r // n_tiles_w) * BH + m // BW + row0_
-        j = (r % n_tiles_w) * BW + m % BW
-        valid = (i < H) & (j < W)
-        i = tl.minimum(i, H - 1)
-        j = tl.minimum(j, W - 1)
+        b, i, j, valid = _tile(it, n_tiles, tiles_per_image, n_tiles_w, H, W, BH, BW)
         image = b.to(tl.int64) * C * HW
         x = _load_state(src + image, src_pre + b.to(tl.int64) * HW, i, j, chan, H, W, HW, threshold,
                         C, ALPHA, PAD, True)
