@@ -39,17 +39,7 @@ class NCA(nn.Module):
         shapes = spec.parameter_shapes()
         if weights is None:
             weights = random_weights(spec, init_seed)
-        missing, extra = set(shapes) - set(weights), set(weights) - set(shapes)
-        if missing or extra:
-            raise ValueError(f"weights for {spec.name or 'this spec'}: missing {sorted(missing)}, "
-                             f"unexpected {sorted(extra)}; expected {shapes}")
-        for name, shape in shapes.items():
-            w = torch.as_tensor(weights[name])
-            if tuple(w.shape) != shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, spec needs {shape}")
-            if not w.is_floating_point() or not torch.isfinite(w).all():
-                raise ValueError(f"weight {name!r} must be finite floating point")
-            self.register_parameter(name, nn.Parameter(w.detach().to(torch.float32).clone()))
+        register_weights(self, shapes, weights, "weight")
 
     # ---- weights ------------------------------------------------------------------------------
     def params(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
@@ -246,6 +236,24 @@ class NCA(nn.Module):
             _logged_choices.add(key)
             log.info("nca_fast backend='auto' chose %s (%s)", choice, why)
         return choice
+
+
+def register_weights(module: nn.Module, shapes: Mapping[str, tuple], weights: Mapping, what: str) -> None:
+    """Check ``weights`` against ``shapes`` (names, shapes, finite floats) before registering any of
+    them, then register each as a float32 parameter of ``module``; errors name the ``what``."""
+    missing, extra = set(shapes) - set(weights), set(weights) - set(shapes)
+    if missing or extra:
+        raise ValueError(f"{what}s: missing {sorted(missing)}, unexpected {sorted(extra)}; expected {dict(shapes)}")
+    checked = {}
+    for name, shape in shapes.items():
+        w = torch.as_tensor(weights[name])
+        if tuple(w.shape) != tuple(shape):
+            raise ValueError(f"{what} {name!r} has shape {tuple(w.shape)}, spec needs {tuple(shape)}")
+        if not w.is_floating_point() or not torch.isfinite(w).all():
+            raise ValueError(f"{what} {name!r} must be finite floating point")
+        checked[name] = w
+    for name, w in checked.items():
+        module.register_parameter(name, nn.Parameter(w.detach().to(torch.float32).clone()))
 
 
 def random_weights(spec: NCASpec, seed: int = 0) -> Dict[str, torch.Tensor]:

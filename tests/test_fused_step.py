@@ -141,8 +141,6 @@ def test_16bit_states(dtype, atol, rtol):
 def _shared(path):
     if not (SHARED / path).exists():
         pytest.skip(f"shared model {path} not found under {SHARED}")
-    if not hasattr(nf, "load"):
-        pytest.skip("nca_fast.load (the importers) is not available")
     return nf.load(SHARED / path, **({"name": "bubbly_0101"} if "textures" in path else {}))
 
 

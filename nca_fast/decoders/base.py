@@ -6,6 +6,7 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from ..model import register_weights
 from .spec import DecoderSpec
 
 STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -28,17 +29,7 @@ class Decoder(nn.Module):
         shapes = spec.parameter_shapes()
         if weights is None:
             weights = self.init_weights(spec, torch.Generator().manual_seed(init_seed))
-        missing, extra = set(shapes) - set(weights), set(weights) - set(shapes)
-        if missing or extra:
-            raise ValueError(f"decoder weights: missing {sorted(missing)}, unexpected {sorted(extra)}; "
-                             f"expected {shapes}")
-        for name, shape in shapes.items():
-            w = torch.as_tensor(weights[name])
-            if tuple(w.shape) != shape:
-                raise ValueError(f"decoder weight {name!r} has shape {tuple(w.shape)}, spec needs {shape}")
-            if not w.is_floating_point() or not torch.isfinite(w).all():
-                raise ValueError(f"decoder weight {name!r} must be finite floating point")
-            self.register_parameter(name, nn.Parameter(w.detach().to(torch.float32).clone()))
+        register_weights(self, shapes, weights, "decoder weight")
 
     @staticmethod
     def init_weights(spec: DecoderSpec, generator: torch.Generator) -> Dict[str, torch.Tensor]:
