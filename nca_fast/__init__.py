@@ -5,14 +5,16 @@
     x = model.seed(height=72, width=72)
     x = model.rollout(x, 200, seed=0)
     rgb = model.to_rgb(x)                            # [B, 3, H, W] in [0, 1]
-"""
-from .model import NCA, random_weights
-from .spec import Filter, NCASpec, growing_spec, texture_spec
-from .rng import update_mask
-from .io import load, save
-from .decoders import DecoderSpec, build_decoder, fit_decoder, load_decoder, save_decoder
 
-__version__ = "0.1.0"
+Set ``TRITON_INTERPRET=1`` before importing nca_fast to run the fused kernels on CPU tensors.
+"""
+from ._version import __version__
+from .decoders import DecoderSpec, build_decoder, decode, fit_decoder, load_decoder, save_decoder
+from .io import load, load_cells2pixels, save
+from .model import NCA, random_weights
+from .rng import update_mask
+from .spec import Filter, NCASpec, growing_spec, texture_spec
+
 __all__ = ["NCA", "NCASpec", "Filter", "growing_spec", "texture_spec", "random_weights",
-           "update_mask", "load", "save", "DecoderSpec", "build_decoder", "fit_decoder", "load_decoder",
-           "save_decoder", "__version__"]
+           "update_mask", "load", "save", "load_cells2pixels", "DecoderSpec", "build_decoder", "decode",
+           "fit_decoder", "load_decoder", "save_decoder", "__version__"]

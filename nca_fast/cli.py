@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-COMMANDS = ("info", "run", "bench", "kernels", "fit_decoder")
+from .commands import bench, fit_decoder, info, kernels, run
+
+COMMANDS = (info, run, bench, kernels, fit_decoder)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nca-fast", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"nca_fast.commands.{name}")
-        except ModuleNotFoundError as e:  # a command whose module is not written yet
-            if e.name != f"nca_fast.commands.{name}":
-                raise
-            continue
+    for module in COMMANDS:
         module.add_parser(sub)
     return parser
 

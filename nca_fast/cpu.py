@@ -43,10 +43,14 @@ from . import reference
 from .spec import Filter, NCASpec
 
 # Cells per band. A band's working set is ~250 floats per cell for the growing model (padded input
-# and perception, hidden, update): ~4 MiB at 4096 cells, in L2/L3, while the ~20 Python-dispatched
-# ops of a band stay small next to its arithmetic (~1 ms per band per core).
-BAND_CELLS = 4096
-MIN_BAND_CELLS = 512  # smaller grids run in one band on the calling thread
+# and perception, hidden, update): ~16 MiB at 16384 cells, in L3, while the ~20 Python-dispatched ops
+# of a band stay small next to its arithmetic (~4 ms per band per core). Measured on a 2-core Xeon
+# (2 MiB L2 per core): 16384 cells beat 4096 by 1.3-1.5x from 128^2 to 1024^2, and 32768 or more.
+BAND_CELLS = 16384
+# A grid is cut for the workers only into bands of at least this many cells: below it, handing
+# bands out costs more than it saves (on two cores, 64^2 and 80^2 run fastest in one band on the
+# calling thread, 96^2 and up in two).
+MIN_BAND_CELLS = 4096
 # Worker threads; None: as many as torch's intra-op threads (torch.set_num_threads).
 THREADS: Optional[int] = None
 
@@ -290,7 +294,10 @@ class _Step:
                                                   for b in range(B) for r0 in range(0, H, band_rows)]
         self.per_image = -(-H // band_rows)
         free_scale = spec.perception_clamp is None
-        self.scratch_key = (spec.filters, free_scale, spec.padding, C, spec.hidden, W, x.dtype, x.device)
+        # the alive pool's padding in _pad_band's terms ("zeros" filled with -inf: outside cells ignored)
+        self.apad = {"ignore": "zeros"}.get(spec.alive_pool_padding, spec.alive_pool_padding)
+        self.scratch_key = (spec.filters, free_scale, (spec.padding, self.apad), C, spec.hidden, W, x.dtype,
+                            x.device)
         _, plans = _compile_filters(spec.filters, free_scale)
         scales = torch.tensor([p.scale for p in plans], dtype=x.dtype, device=x.device)
         self.w1 = (params["w1"].reshape(-1, len(plans), C) * scales[:, None]).view(-1, len(plans) * C)
@@ -308,7 +315,7 @@ class _Step:
             # before masking, with a padding row above and below: a band's mask reads its neighbours'.
             self.x_alive = torch.empty(B, H, W, dtype=torch.bool, device=x.device)
             self.y_rowmax = torch.empty(B, H + 2, W, dtype=x.dtype, device=x.device)
-            if spec.padding == "zeros":
+            if self.apad == "zeros":
                 self.y_rowmax[:, 0].fill_(float("-inf"))
                 self.y_rowmax[:, H + 1].fill_(float("-inf"))
             self.lock = threading.Lock()
@@ -353,11 +360,11 @@ class _Step:
             self._y_rowmax(s, y[spec.alive_channel], b, r0, r1)
 
     def _alive_x(self, s: _BandScratch, b: int, r0: int, r1: int) -> None:
-        """alive(x) of the band's cells, from its padded copy (zero padding is the pool's -inf
-        padding unless the threshold is negative)."""
+        """alive(x) of the band's cells, from its padded copy where the two paddings agree (zero
+        padding is the pool's -inf padding unless the threshold is negative)."""
         a, spec = self.spec.alive_channel, self.spec
-        if spec.padding == "zeros" and spec.alive_threshold < 0:
-            plane = _pad_band(self.x[b, a:a + 1], r0, r1, "zeros", float("-inf"), s.alive_pad)[0]
+        if spec.padding != self.apad or (self.apad == "zeros" and spec.alive_threshold < 0):
+            plane = _pad_band(self.x[b, a:a + 1], r0, r1, self.apad, float("-inf"), s.alive_pad)[0]
         else:
             plane = s.padded[a]
         torch.gt(_max3x3(plane, s.pool_tmp, s.pool), spec.alive_threshold, out=self.x_alive[b, r0:r1])
@@ -368,17 +375,17 @@ class _Step:
         W, H = ya.shape[1], self.x.shape[2]
         row = s.alive_row  # [rows, W+2]; with zero padding its pad columns stay -inf
         row[:, 1:W + 1].copy_(ya)
-        if self.spec.padding == "circular":
+        if self.apad == "circular":
             row[:, 0].copy_(ya[:, W - 1])
             row[:, W + 1].copy_(ya[:, 0])
-        elif self.spec.padding == "replicate":
+        elif self.apad == "replicate":
             row[:, 0].copy_(ya[:, 0])
             row[:, W + 1].copy_(ya[:, W - 1])
         m = self.y_rowmax[b]
         torch.maximum(torch.maximum(row[:, :-2], row[:, 1:-1], out=m[1 + r0:1 + r1]), row[:, 2:],
                       out=m[1 + r0:1 + r1])
-        if self.spec.padding != "zeros":
-            first, last = (H + 1, 0) if self.spec.padding == "circular" else (0, H + 1)
+        if self.apad != "zeros":
+            first, last = (H + 1, 0) if self.apad == "circular" else (0, H + 1)
             if r0 == 0:
                 m[first].copy_(m[1])
             if r1 == H:
@@ -389,7 +396,7 @@ class _Step:
         circular padding the first and last band of an image are neighbours)."""
         per = self.per_image
         first, j = k - k % per, k % per
-        if self.spec.padding == "circular":
+        if self.apad == "circular":
             return sorted({first + (j - 1) % per, k, first + (j + 1) % per})
         return list(range(first + max(j - 1, 0), first + min(j + 2, per)))
 
@@ -446,12 +453,19 @@ def _new_output(x: torch.Tensor) -> torch.Tensor:
 
 
 def _band_rows(B: int, H: int, W: int, threads: int) -> int:
-    """Rows per band: ``BAND_CELLS`` cells, but small grids still cut into a band per thread (down to
-    ``MIN_BAND_CELLS``)."""
+    """Rows per band: ``BAND_CELLS`` cells; a grid too small to give every thread a band is cut into
+    up to one band per thread, each of at least ``MIN_BAND_CELLS`` cells."""
     rows = max(1, min(H, BAND_CELLS // W))
     if B * -(-H // rows) < threads:
-        rows = max(rows // -(-threads // B), min(rows, -(-MIN_BAND_CELLS // W)), 1)
+        per_image = max(1, min(-(-threads // B), H * W // MIN_BAND_CELLS))
+        rows = -(-H // per_image)
     return min(rows, H)
+
+
+def is_faster(x: torch.Tensor) -> bool:
+    """Whether this path beats the reference for state ``x``: float32 on a CPU (it does at every size
+    of the default benchmark, 16^2 to 512^2, batch 1 and 8; see README)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
 
 
 def step(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,

@@ -1,35 +1,33 @@
-"""Writing rollouts as images and videos: PNG (Pillow), GIF (Pillow), MP4 (imageio-ffmpeg).
+"""Images and videos: reading images (Pillow), writing PNG / GIF (Pillow) and MP4 (imageio-ffmpeg).
 
 Frames are ``uint8 [H, W, 3]`` numpy arrays. Videos are written from an iterator, one frame at a
-time (MP4 streams to ffmpeg; Pillow's GIF writer keeps the palettised frames until it finishes),
-to a temporary file that replaces ``path`` only once complete.
+time (MP4 streams to ffmpeg; Pillow's GIF writer keeps the palettised frames until it finishes), to
+a temporary file that replaces the output only once complete (:func:`nca_fast.files.atomic_output`).
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
+import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from .io.errors import optional_import
+from .utils.files import MAX_IMAGE_BYTES, InputFileError, atomic_output, open_input
+from .utils.files import check_output as check_output_path
+from .utils.optional import optional_import
 
 IMAGE_EXTS = (".png",)
 VIDEO_EXTS = (".gif", ".mp4")
+MAX_IMAGE_PIXELS = 1 << 26  # 64 Mpixel: an 8K frame is 33 Mpixel
+MIN_FPS, MAX_FPS = 0.01, 1000.0
 
 
 def check_output(path) -> str:
     """Validate an output path before any work: its extension, folder and libraries. Returns the
     lower-case extension."""
-    path = Path(path)
+    path = check_output_path(path, IMAGE_EXTS + VIDEO_EXTS)
     ext = path.suffix.lower()
-    if ext not in IMAGE_EXTS + VIDEO_EXTS:
-        raise ValueError(f"output {str(path)!r}: unknown extension {ext or '(none)'!r}; "
-                         f"use one of {', '.join(IMAGE_EXTS + VIDEO_EXTS)}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
     optional_import("PIL.Image", "formats")
     if ext == ".mp4":
         optional_import("imageio", "media")
@@ -38,6 +36,33 @@ def check_output(path) -> str:
         except RuntimeError as e:
             raise RuntimeError(f"MP4 output needs an ffmpeg binary: {e}") from None
     return ext
+
+
+def check_fps(fps: float) -> float:
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
+        raise ValueError(f"fps must be a number in [{MIN_FPS:g}, {MAX_FPS:g}], got {fps!r}")
+    return float(fps)
+
+
+def load_image(path) -> torch.Tensor:
+    """An image file -> ``[K, H, W]`` float in [0, 1] (K = 4 when it has alpha, else 3). The file is
+    bounded in bytes and in pixels (checked from its header, before decoding)."""
+    Image = optional_import("PIL.Image", "formats")
+    with open_input(path, limit=MAX_IMAGE_BYTES, what="image file") as f:
+        try:
+            with Image.open(f) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise InputFileError(path, f"image of {im.width}x{im.height} pixels, more than the "
+                                               f"{MAX_IMAGE_PIXELS} this reads")
+                has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+                im = im.convert("RGBA" if has_alpha else "RGB")
+                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                t = data.view(im.height, im.width, len(im.getbands()))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            if isinstance(e, InputFileError):
+                raise
+            raise InputFileError(path, f"not a readable image ({type(e).__name__}: {str(e)[:200]})") from None
+    return t.permute(2, 0, 1).float() / 255.0
 
 
 def to_frame(rgb: torch.Tensor, scale: int = 1) -> np.ndarray:
@@ -50,22 +75,9 @@ def to_frame(rgb: torch.Tensor, scale: int = 1) -> np.ndarray:
     return img.cpu().numpy()
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` (same extension) that replaces it on success."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_png(path, frame: np.ndarray) -> None:
     Image = optional_import("PIL.Image", "formats")
-    path = Path(path)
-    with _atomic(path) as tmp:
+    with atomic_output(path) as tmp:
         Image.fromarray(frame).save(tmp, format="PNG")
 
 
@@ -75,6 +87,7 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float) -> int:
     ext = path.suffix.lower()
     if ext not in VIDEO_EXTS:
         raise ValueError(f"{path}: not a video extension ({', '.join(VIDEO_EXTS)})")
+    fps = check_fps(fps)
     count = 0
 
     def counted():
@@ -83,7 +96,7 @@ def write_video(path, frames: Iterable[np.ndarray], fps: float) -> int:
             count += 1
             yield f
 
-    with _atomic(path) as tmp:
+    with atomic_output(path) as tmp:
         (_write_gif if ext == ".gif" else _write_mp4)(tmp, counted(), fps)
     return count
 
@@ -100,12 +113,20 @@ def _write_gif(tmp: Path, frames: Iterator[np.ndarray], fps: float) -> None:
 
 def _write_mp4(tmp: Path, frames: Iterator[np.ndarray], fps: float) -> None:
     imageio = optional_import("imageio.v2", "media")
-    writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error")
+    try:
+        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                    pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error")
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(f"cannot start ffmpeg for {tmp.name}: {str(e)[:300]}") from None
     try:
         for f in frames:
             # yuv420p needs even sizes: repeat the last row / column rather than resample.
             pad = ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0))
             writer.append_data(np.pad(f, pad, mode="edge") if any(p[1] for p in pad) else f)
+    except (OSError, BrokenPipeError) as e:
+        raise RuntimeError(f"ffmpeg failed writing {tmp.name}: {str(e)[:300]}") from None
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except (OSError, RuntimeError) as e:  # a broken ffmpeg fails again on close
+            raise RuntimeError(f"ffmpeg failed writing {tmp.name}: {str(e)[:300]}") from None

@@ -1,22 +1,24 @@
 """The NCA module: weights + spec, with seed / step / rollout / frames / to_rgb and backend dispatch."""
 from __future__ import annotations
 
-import logging
 import math
-import warnings
+from collections import deque
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from . import backend as backends
 from . import cpu, reference, rng
+from .kernels import config as kconfig
+from .kernels import op as kop
+from .kernels.pack import PackedHead, cached, pack_pixel_shuffle, pack_step
+from .kernels.rollout import FusedRollout, fused_stream
+from .precision import check_fp32_precision, state_precision
 from .spec import NCASpec
+from .utils.checks import check_int, check_state, register_weights
 
-log = logging.getLogger("nca_fast")
-
-BACKENDS = ("auto", "reference", "triton")
-STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_logged_choices: set = set()
+BACKENDS = backends.BACKENDS
 
 
 class NCA(nn.Module):
@@ -36,10 +38,9 @@ class NCA(nn.Module):
         if not isinstance(spec, NCASpec):
             raise TypeError(f"spec must be an NCASpec, got {type(spec).__name__}")
         self.spec = spec
-        shapes = spec.parameter_shapes()
         if weights is None:
             weights = random_weights(spec, init_seed)
-        register_weights(self, shapes, weights, "weight")
+        register_weights(self, spec.parameter_shapes(), weights, "weight")
 
     # ---- weights ------------------------------------------------------------------------------
     def params(self, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
@@ -52,13 +53,41 @@ class NCA(nn.Module):
         return (f"channels={s.channels}, filters={[f.name for f in s.filters]}, hidden={s.hidden}, "
                 f"padding={s.padding!r}, alive={s.alive_channel}, fire_rate={s.fire_rate}")
 
+    def precision(self, dtype: torch.dtype) -> str:
+        """The MLP precision the fused kernels run a ``dtype`` state in."""
+        return state_precision(dtype, check_fp32_precision(self.fp32_matmul))
+
+    def packed_weights(self, dtype: torch.dtype):
+        """The weights packed for the fused step of a ``dtype`` state (cached until they change)."""
+        precision = kconfig.kernel_precision(self.precision(dtype))
+        device = self.w1.device
+        return cached(self, ("step", precision, device), lambda: pack_step(self.params(), self.spec, precision, device))
+
+    def fused_rollout(self, shape, dtype: torch.dtype, steps: int, *, origin: Tuple[int, int] = (0, 0),
+                      decoder=None) -> FusedRollout:
+        """A :class:`~nca_fast.kernels.rollout.FusedRollout` of ``steps`` steps for states of ``shape``
+        and ``dtype`` on the model's device; a pixel-shuffle ``decoder`` decodes its frames in the
+        pass that produces them."""
+        head = None
+        if decoder is not None:
+            problem = kconfig.head_problem(decoder.spec, self.spec, shape)
+            if problem:
+                raise ValueError(problem)
+            precision = kconfig.kernel_precision(self.precision(dtype))
+            config = kconfig.head_config(decoder.spec, kconfig.pow2(self.spec.channels))
+            device = self.w1.device
+            weights = cached(decoder, ("head", precision, config, device),
+                             lambda: pack_pixel_shuffle(decoder.spec, decoder.params(), config, precision, device))
+            head = PackedHead(config, weights)
+        return FusedRollout(self.spec, self.packed_weights(dtype), shape, dtype, self.w1.device, steps,
+                            precision=self.precision(dtype), origin=origin, head=head)
+
     # ---- states -------------------------------------------------------------------------------
     def seed(self, batch: int = 1, height: int = 72, width: int = 72, device=None,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The spec's seed state ``[B, C, H, W]``: zeros, plus one live centre cell for ``"center"``."""
         for what, v in (("batch", batch), ("height", height), ("width", width)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{what} must be a positive int, got {v!r}")
+            check_int(what, v, 1)
         device = self.w1.device if device is None else device
         x = torch.zeros(batch, self.spec.channels, height, width, device=device, dtype=dtype)
         if self.spec.seed_kind == "center":
@@ -94,15 +123,17 @@ class NCA(nn.Module):
         The update mask is drawn from ``(seed, step, batch index, global row, global column)``
         (see :mod:`nca_fast.rng`); ``origin`` is the (row, column) of ``x[..., 0, 0]`` in the global
         grid. ``update_mask`` (bool ``[B, 1, H, W]``) replaces the random mask; ``fire_rate``
-        replaces the spec's.
+        replaces the spec's. Differentiable on the reference path, which ``"auto"`` picks whenever
+        autograd records the call (grad enabled and ``x`` or a weight requires grad).
         """
         self._check_state(x)
         fire_rate = self._check_step_args(x, seed, step, update_mask, fire_rate, origin)
-        backend = self._resolve_backend(backend, x)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        backend = self._choose(backend, x, needs_grad)
         if backend == "triton":
-            from . import ops
-            return ops.fused_step(self, x, seed=seed, step=step, update_mask=update_mask,
-                                  fire_rate=fire_rate, origin=origin)
+            return kop.fused_step(self.spec, self.packed_weights(x.dtype), x, seed=seed, step=step,
+                                  update_mask=update_mask, fire_rate=fire_rate, origin=origin,
+                                  precision=self.precision(x.dtype))
         return self._reference_step(x, seed, step, update_mask, fire_rate, origin, backend)
 
     def _reference_step(self, x, seed, step, update_mask, fire_rate, origin, backend="reference",
@@ -129,22 +160,20 @@ class NCA(nn.Module):
         differentiable, for training).
         """
         self._check_state(x)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
+        check_int("steps", steps, 0)
+        check_int("every", every, 1)
         self._check_step_args(x, seed, start_step, None, None, origin)
         if start_step + steps > 2**32:
             raise ValueError(f"step counters start_step + steps = {start_step + steps} exceed 2**32")
-        backend = self._resolve_backend(backend, x)
+        backend = self._choose(backend, x, needs_grad=False)
         return self._frames(x, steps, seed, start_step, every, origin, backend)
 
     @torch.no_grad()
     def _frames(self, x, steps, seed, start_step, every, origin, backend):
         if backend == "triton":
-            from . import ops
-            yield from ops.fused_frames(self, x, steps, seed=seed, start_step=start_step,
-                                        every=every, origin=origin)
+            r = self.fused_rollout(x.shape, x.dtype, steps, origin=origin)
+            for k, state, _ in fused_stream(r, x, seed=seed, start_step=start_step, every=every):
+                yield k, state
             return
         spare = None  # the CPU fast path ping-pongs two buffers of ours (never the caller's x)
         for k in range(steps):
@@ -164,11 +193,9 @@ class NCA(nn.Module):
         step stacked as ``[steps // k, B, C, H, W]``. For long renders use :meth:`frames`.
         """
         if every is None:  # one frame, at the end (the fused path materialises the state once)
-            out = x
-            for _, out in self.frames(x, steps, seed=seed, start_step=start_step, every=max(steps, 1),
-                                      origin=origin, backend=backend):
-                pass
-            return out.clone() if out is x else out
+            last = deque(self.frames(x, steps, seed=seed, start_step=start_step, every=max(steps, 1),
+                                     origin=origin, backend=backend), maxlen=1)
+            return last[0][1] if last else x.clone()
         states = [s.clone() for _, s in self.frames(x, steps, seed=seed, start_step=start_step,
                                                      every=every, origin=origin, backend=backend)]
         if not states:
@@ -177,29 +204,17 @@ class NCA(nn.Module):
 
     # ---- checks and dispatch ------------------------------------------------------------------
     def _check_state(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"state must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"state must be [B, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.spec.channels:
-            raise ValueError(f"state has {x.shape[1]} channels, the model has {self.spec.channels}")
-        if x.dtype not in STATE_DTYPES:
-            raise ValueError(f"state dtype {x.dtype} not supported; use one of {STATE_DTYPES}")
-        if min(x.shape) < 1:
-            raise ValueError(f"state has an empty dimension: {tuple(x.shape)}")
-        if x.device != self.w1.device:
-            raise ValueError(f"state is on {x.device} but the model is on {self.w1.device}")
+        check_state(x, self.spec.channels, self.w1.device, "model")
 
     def _check_step_args(self, x, seed, step, update_mask, fire_rate, origin) -> float:
         rng.check_seed(seed)
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
-            raise ValueError(f"step must be an int in [0, 2**32), got {step!r}")
+        check_int("step", step, 0, 2**32 - 1)
         if len(origin) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in origin):
             raise ValueError(f"origin must be (row, col) ints, got {origin!r}")
         if update_mask is not None:
             B, _, H, W = x.shape
-            if update_mask.dtype != torch.bool:
-                raise ValueError(f"update_mask must be bool, got {update_mask.dtype}")
+            if not isinstance(update_mask, torch.Tensor) or update_mask.dtype != torch.bool:
+                raise ValueError(f"update_mask must be bool, got {getattr(update_mask, 'dtype', type(update_mask))}")
             if tuple(update_mask.shape) != (B, 1, H, W):
                 raise ValueError(f"update_mask must be [B, 1, H, W] = {(B, 1, H, W)}, "
                                  f"got {tuple(update_mask.shape)}")
@@ -209,51 +224,12 @@ class NCA(nn.Module):
         rng.fire_threshold(fire_rate)  # validates the range
         return float(fire_rate)
 
-    def _resolve_backend(self, backend: str, x: torch.Tensor) -> str:
+    def _choose(self, backend: str, x: torch.Tensor, needs_grad: bool) -> str:
         """'reference', 'cpu' (the CPU fast path) or 'triton' for a requested backend."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "reference":
-            return backend
-        from . import ops
-        reason = ops.unavailable_reason(self, x)
-        if backend == "triton":
-            if reason:
-                raise RuntimeError(f"backend='triton' cannot run here: {reason}")
-            return "triton"
-        # auto: fused kernels on CUDA; on a CPU the CPU fast path (float32) or the reference.
-        if x.device.type != "cuda":
-            fast = x.device.type == "cpu" and x.dtype == torch.float32
-            choice, why = ("cpu" if fast else "reference"), f"state on {x.device.type}, {x.dtype}"
-        elif reason:
-            choice, why = "reference", reason
-            if not torch.compiler.is_compiling():
-                warnings.warn(f"nca_fast: falling back to the reference path: {reason}", RuntimeWarning)
-        else:
-            choice, why = "triton", "state on cuda"
-        key = (choice, why)
-        if key not in _logged_choices and not torch.compiler.is_compiling():
-            _logged_choices.add(key)
-            log.info("nca_fast backend='auto' chose %s (%s)", choice, why)
-        return choice
-
-
-def register_weights(module: nn.Module, shapes: Mapping[str, tuple], weights: Mapping, what: str) -> None:
-    """Check ``weights`` against ``shapes`` (names, shapes, finite floats) before registering any of
-    them, then register each as a float32 parameter of ``module``; errors name the ``what``."""
-    missing, extra = set(shapes) - set(weights), set(weights) - set(shapes)
-    if missing or extra:
-        raise ValueError(f"{what}s: missing {sorted(missing)}, unexpected {sorted(extra)}; expected {dict(shapes)}")
-    checked = {}
-    for name, shape in shapes.items():
-        w = torch.as_tensor(weights[name])
-        if tuple(w.shape) != tuple(shape):
-            raise ValueError(f"{what} {name!r} has shape {tuple(w.shape)}, spec needs {tuple(shape)}")
-        if not w.is_floating_point() or not torch.isfinite(w).all():
-            raise ValueError(f"{what} {name!r} must be finite floating point")
-        checked[name] = w
-    for name, w in checked.items():
-        module.register_parameter(name, nn.Parameter(w.detach().to(torch.float32).clone()))
+        backends.check_backend(backend)
+        problem = "" if backend in ("reference", "cpu") else kconfig.step_problem(self.spec, x)
+        return backends.choose(backend, x, fused_problem=problem, cpu_path=x.device.type == "cpu",
+                               cpu_preferred=cpu.is_faster(x), needs_grad=needs_grad, what="step")
 
 
 def random_weights(spec: NCASpec, seed: int = 0) -> Dict[str, torch.Tensor]:

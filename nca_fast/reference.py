@@ -51,14 +51,14 @@ def update(p: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec) -
 def alive_mask(x: torch.Tensor, spec: NCASpec) -> torch.Tensor:
     """``maxpool3x3(x[:, alive_channel]) > alive_threshold`` as bool ``[B, 1, H, W]``.
 
-    The pool's border follows the spec's padding; with zero padding, cells outside the grid are
-    ignored, as in the published models' ``max_pool2d(padding='SAME')``.
+    The pool pads by ``spec.alive_pool_padding``: ``"ignore"`` pads with -inf, so that cells outside
+    the grid never count, as in the published models' ``max_pool2d(padding='SAME')``.
     """
     a = x[:, spec.alive_channel: spec.alive_channel + 1]
-    if spec.padding == "zeros":
+    if spec.alive_pool_padding == "ignore":
         a = F.pad(a, (1, 1, 1, 1), value=float("-inf"))
     else:
-        a = pad1(a, spec.padding)
+        a = pad1(a, spec.alive_pool_padding)
     return F.max_pool2d(a, 3, stride=1) > spec.alive_threshold
 
 

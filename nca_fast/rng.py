@@ -75,13 +75,16 @@ def update_mask(batch: int, height: int, width: int, *, seed: int, step: int, fi
     threshold = fire_threshold(fire_rate)
     dev = torch.device("cpu") if device is None else torch.device(device)
     out = torch.empty(batch, 1, height, width, dtype=torch.bool, device=dev)
-    rows = torch.arange(height, device=dev, dtype=torch.int64).view(height, 1) + int(origin[0])
+    # Bands run over the rows of all images at once ([B*H, W]), so a batch of small grids costs a
+    # few bands, not a band per image.
+    index = torch.arange(batch * height, device=dev, dtype=torch.int64).view(-1, 1)
+    rows = index % height + int(origin[0])
+    images = index // height + int(batch_offset)
     cols = torch.arange(width, device=dev, dtype=torch.int64).view(1, width) + int(origin[1])
     t = torch.tensor(int(step), device=dev)
-    band = height if dev.type == "cuda" else max(1, BAND_CELLS // width)
-    for b in range(batch):
-        bb = torch.tensor(b + int(batch_offset), device=dev)
-        for r in range(0, height, band):
-            r0, _, _, _ = philox4x32(cols, rows[r: r + band], t, bb, seed)
-            torch.lt(r0 >> 8, threshold, out=out[b, 0, r: r + band])
+    flat = out.view(batch * height, width)
+    band = batch * height if dev.type == "cuda" else max(1, BAND_CELLS // width)
+    for r in range(0, batch * height, band):
+        r0, _, _, _ = philox4x32(cols, rows[r: r + band], t, images[r: r + band], seed)
+        torch.lt(r0 >> 8, threshold, out=flat[r: r + band])
     return out

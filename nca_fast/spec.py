@@ -11,16 +11,17 @@ Canonical conventions (importers permute published weights into them):
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
+
+from .utils.jsonspec import JsonSpec
 
 Taps = Tuple[Tuple[float, float, float], Tuple[float, float, float], Tuple[float, float, float]]
 Range = Optional[Tuple[float, float]]
 
 PADDINGS = ("zeros", "circular", "replicate")
+ALIVE_PADDINGS = ("ignore", "circular", "replicate")
 ACTIVATIONS = ("relu",)
 RENDERS = ("rgba_premultiplied", "rgb_affine")
 SEED_KINDS = ("center", "zeros")
@@ -80,7 +81,7 @@ def _range(value, what) -> Range:
 
 
 @dataclass(frozen=True)
-class NCASpec:
+class NCASpec(JsonSpec):
     """A complete description of one NCA architecture (weights live in :class:`nca_fast.NCA`).
 
     Step semantics (see ``nca_fast.reference.step``)::
@@ -90,7 +91,11 @@ class NCASpec:
         dx  = clamp(w2 @ h + b2, update_clamp)                     # [B, C, H, W]
         y   = clamp(x + step_size * dx * fire_mask, state_clamp)
         y   = y * (alive(x) & alive(y))       if alive_channel is not None
-        alive(z) = maxpool3x3(z[:, alive_channel]) > alive_threshold  (padding as the filters)
+        alive(z) = maxpool3x3(z[:, alive_channel]) > alive_threshold  (padding: alive_pool_padding)
+
+    The alive pool pads by ``alive_padding``: ``"ignore"`` (cells outside the grid never count, as
+    ``max_pool2d(..., padding=1)`` and TF's SAME max-pool), ``"circular"`` or ``"replicate"``; None
+    follows the perception padding (``"zeros"`` -> ``"ignore"``).
     """
 
     channels: int
@@ -105,6 +110,7 @@ class NCASpec:
     step_size: float = 1.0
     alive_channel: Optional[int] = 3
     alive_threshold: float = 0.1
+    alive_padding: Optional[str] = None
     perception_clamp: Range = None
     hidden_clamp: Range = None
     update_clamp: Range = None
@@ -118,7 +124,7 @@ class NCASpec:
     name: str = ""
 
     def __post_init__(self):
-        fix = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        fix = lambda k, v: object.__setattr__(self, k, v)
         fix("filters", tuple(f if isinstance(f, Filter) else Filter(**f) for f in self.filters))
         for k in ("perception_clamp", "hidden_clamp", "update_clamp", "state_clamp"):
             fix(k, _range(getattr(self, k), k.replace("_clamp", "")))
@@ -147,6 +153,8 @@ class NCASpec:
             raise ValueError(f"alive_channel must be an int or None, got {self.alive_channel!r}")
         if self.alive_channel is not None and not 0 <= self.alive_channel < self.channels:
             raise ValueError(f"alive_channel {self.alive_channel} out of range for {self.channels} channels")
+        if self.alive_padding is not None and self.alive_padding not in ALIVE_PADDINGS:
+            raise ValueError(f"alive_padding must be one of {ALIVE_PADDINGS} or None, got {self.alive_padding!r}")
         if self.render not in RENDERS:
             raise ValueError(f"render must be one of {RENDERS}, got {self.render!r}")
         need = 4 if self.render == "rgba_premultiplied" else 3
@@ -171,6 +179,13 @@ class NCASpec:
         return self.n_filters * self.channels
 
     @property
+    def alive_pool_padding(self) -> str:
+        """The alive pool's padding: ``alive_padding``, or the perception padding's counterpart."""
+        if self.alive_padding is not None:
+            return self.alive_padding
+        return "ignore" if self.padding == "zeros" else self.padding
+
+    @property
     def has_alpha(self) -> bool:
         return self.render == "rgba_premultiplied"
 
@@ -189,30 +204,12 @@ class NCASpec:
         perception = 2 * 9 * self.perception_size
         return mlp + perception
 
-    # ---- JSON ----------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self, **kw) -> str:
-        return json.dumps(self.to_dict(), **kw)
-
     @classmethod
-    def from_dict(cls, d: dict) -> "NCASpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown NCASpec fields: {sorted(unknown)}")
-        d = dict(d)
-        if "filters" in d:
-            d["filters"] = tuple(Filter(f["name"], f["taps"]) if isinstance(f, dict) else f for f in d["filters"])
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "NCASpec":
-        return cls.from_dict(json.loads(s))
-
-    def replace(self, **changes: Any) -> "NCASpec":
-        return dataclasses.replace(self, **changes)
+    def _fields_from_json(cls, d: dict) -> dict:
+        if isinstance(d.get("filters"), (list, tuple)):
+            d["filters"] = tuple(Filter(f.get("name", ""), f.get("taps")) if isinstance(f, dict) else f
+                                 for f in d["filters"])
+        return d
 
 
 def growing_spec(channels: int = 16, hidden: int = 128, **kw) -> NCASpec:

@@ -68,9 +68,9 @@ def perceive(x: np.ndarray, taps: np.ndarray, padding: str) -> np.ndarray:
 
 def alive(x: np.ndarray, channel: int, threshold: float, padding: str) -> np.ndarray:
     """bool ``[B, 1, H, W]``: 3x3 max of ``x[:, channel]`` > threshold; outside cells are ignored
-    under zero padding, wrapped / replicated otherwise."""
+    under "ignore" padding, wrapped / replicated otherwise."""
     B, _, H, W = x.shape
-    ap = _pad(x[:, channel:channel + 1], padding, fill=-np.inf)
+    ap = _pad(x[:, channel:channel + 1], "zeros" if padding == "ignore" else padding, fill=-np.inf)
     best = np.full((B, 1, H, W), -np.inf)
     for dy in range(3):
         for dx in range(3):
@@ -100,7 +100,8 @@ def step_parts(x, params, spec, mask=None) -> dict:
     y = _clip(y_raw, spec.state_clamp)
     live = None
     if spec.alive_channel is not None:
-        args = (spec.alive_channel, spec.alive_threshold, spec.padding)
+        pool_padding = spec.alive_padding or ("ignore" if spec.padding == "zeros" else spec.padding)
+        args = (spec.alive_channel, spec.alive_threshold, pool_padding)
         live = alive(x, *args) & alive(y, *args)
         y = y * live
     return dict(p_raw=p_raw, h_raw=h_raw, dx_raw=dx_raw, y_raw=y_raw, alive=live, y=y)

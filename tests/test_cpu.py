@@ -49,6 +49,11 @@ SPECS = {
                                 hidden_clamp=(-1.0, 0.2), filters=(
         Filter.preset("sobel_x", 0.7), Filter.preset("identity", 0.5), Filter.preset("identity"),
         Filter("shift", ((0, 0, 0), (0, 0, 0), (0, 0, -2.0))))),
+    # the alive pool padded apart from the perception (Cells-to-Pixels growing models: circular / ignore)
+    "alive_ignore_circular": growing_spec(channels=5, hidden=7, padding="circular", alive_padding="ignore"),
+    "alive_circular_zeros": growing_spec(channels=5, hidden=7, padding="zeros", alive_padding="circular"),
+    "alive_replicate_circular": growing_spec(channels=5, hidden=7, padding="circular", alive_padding="replicate",
+                                             alive_threshold=-0.05),
     "clamped_identity": growing_spec(channels=4, hidden=5, padding="replicate", alive_channel=None,
                                      perception_clamp=(-0.3, 0.25),
                                      filters=(Filter.preset("identity"), Filter.preset("sobel_x"))),
@@ -197,8 +202,9 @@ def test_model_auto_uses_it(threads, monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("padding", ["zeros", "circular", "replicate"])
-def test_any_band_order(padding, monkeypatch):
+@pytest.mark.parametrize("padding, alive_padding", [("zeros", None), ("circular", None), ("replicate", None),
+                                                    ("circular", "ignore"), ("zeros", "circular")])
+def test_any_band_order(padding, alive_padding, monkeypatch):
     """Bands finished in any order (as threads may) read only their neighbours' finished rows,
     wrapping around with circular padding: here the unwritten rows are NaN, and the order shuffled."""
     monkeypatch.setattr(cpu, "BAND_CELLS", 24)
@@ -210,10 +216,10 @@ def test_any_band_order(padding, monkeypatch):
         init(self, *a, **k)
         perm = torch.randperm(len(self.bands), generator=order).tolist()
         self.counter = iter(perm + [len(self.bands)])
-        self.y_rowmax[:, slice(1, -1) if padding == "zeros" else slice(None)].fill_(float("nan"))
+        self.y_rowmax[:, slice(1, -1) if self.apad == "zeros" else slice(None)].fill_(float("nan"))
         self.out.fill_(float("nan"))
     monkeypatch.setattr(cpu._Step, "__init__", shuffled)
-    spec = growing_spec(channels=5, hidden=6, padding=padding, alive_channel=4)
+    spec = growing_spec(channels=5, hidden=6, padding=padding, alive_channel=4, alive_padding=alive_padding)
     params = _params(spec)
     for seed in range(6):
         x = _state(spec, 2, 14, 6, seed=seed)
@@ -224,10 +230,13 @@ def test_any_band_order(padding, monkeypatch):
 
 def test_band_rows():
     assert cpu._band_rows(1, 1024, 1024, 2) == cpu.BAND_CELLS // 1024
-    assert cpu._band_rows(1, 64, 64, 2) == 32  # one band per thread
+    assert cpu._band_rows(1, 64, 64, 2) == 64  # too small to share: one band on the calling thread
+    assert cpu._band_rows(1, 128, 128, 2) == 64  # a band of 8192 cells per thread
     assert cpu._band_rows(8, 64, 64, 2) == 64  # (enough images)
     assert cpu._band_rows(1, 16, 16, 2) == 16  # too small to share
-    assert cpu._band_rows(1, 3, 5000, 2) == 1
+    assert cpu._band_rows(1, 80, 80, 2) == 80  # 6400 cells: one band
+    assert cpu._band_rows(1, 96, 96, 2) == 48  # two bands of 4608 cells
+    assert cpu._band_rows(1, 3, 5000, 2) == 2
 
 
 def test_filters_compile_to_few_ops():

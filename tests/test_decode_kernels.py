@@ -1,16 +1,14 @@
 """Fused decode kernels against the reference decoders under the Triton interpreter (odd sizes,
 scales 1, 3, 8, both paddings) and the fast sine's accuracy. Their sm_80 / sm_90a compilation is in
-test_kernels_compile.py (every module of nca_fast.kernels.KERNEL_MODULES)."""
-import os
-
-
+test_kernels_compile.py (every configuration of nca_fast.kernels.catalogue)."""
 import importlib
+import os
 
 import pytest
 import torch
 
-from nca_fast.decoders import build_decoder, lppn_spec, pixel_shuffle_spec
-from nca_fast.ops_decode import decode, unavailable_reason
+from nca_fast.decoders import build_decoder, decode, lppn_spec, pixel_shuffle_spec
+from nca_fast.kernels.config import decode_problem
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +19,7 @@ def kernels():
         pytest.skip("TRITON_INTERPRET is set to something other than 1 and there is no GPU")
     import triton  # noqa: F401
     from triton.runtime.interpreter import InterpretedFunction
+
     from nca_fast.kernels import decode as K
     if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(K.lppn_kernel, InterpretedFunction):
         K = importlib.reload(K)
@@ -41,7 +40,7 @@ def test_fast_sin_max_error(kernels):
     def sin_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
-        tl.store(y_ptr + i, _fast_sin(tl.load(x_ptr + i, mask=m, other=0.0)), mask=m)
+        tl.store(y_ptr + i, _fast_sin(tl.load(x_ptr + i, mask=m, other=0.0)), mask=m)  # noqa: F821
 
     x = torch.cat([torch.linspace(-4, 4, 20001), torch.linspace(-300, 300, 40001)]).to(_device())
     y = torch.empty_like(x)
@@ -108,9 +107,9 @@ def test_packed_weights_follow_weight_updates(kernels):
 def test_unavailable_reasons():
     x = torch.zeros(1, 4, 3, 3)
     big = build_decoder(lppn_spec(4, 2, 3, hidden=200, layers=1))
-    assert "hidden width" in unavailable_reason(big, x) or "needs CUDA" in unavailable_reason(big, x)
+    assert "hidden width" in decode_problem(big.spec, x) or "need CUDA" in decode_problem(big.spec, x)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        assert "hidden width" in unavailable_reason(big, x)
+        assert "hidden width" in decode_problem(big.spec, x)
         with pytest.raises(RuntimeError, match="hidden width"):
             decode(big, x, backend="triton")
 

@@ -8,10 +8,16 @@ import torch
 import torch.nn.functional as F
 
 import nca_fast
-from nca_fast.decoders import (DecoderSpec, build_decoder, load_decoder, lppn_spec,
-                               pixel_shuffle_spec, save_decoder)
-from nca_fast.decoders.io import cells2pixels_decoder, cells2pixels_nca, load_cells2pixels
-from nca_fast.ops_decode import decode
+from nca_fast.decoders import (
+    DecoderSpec,
+    build_decoder,
+    decode,
+    load_decoder,
+    lppn_spec,
+    pixel_shuffle_spec,
+    save_decoder,
+)
+from nca_fast.io import ModelFormatError, cells2pixels_decoder, cells2pixels_nca, load_cells2pixels
 
 
 # ---- pixel shuffle ------------------------------------------------------------------------------
@@ -207,7 +213,7 @@ def c2p_nca_step(x, sd, growing):
     ds = F.conv2d(torch.relu(F.conv2d(z, sd["w1.weight"], sd["w1.bias"])), sd["w2.weight"])
     new = x + ds
     if growing:
-        alive = lambda s: F.max_pool2d(s[:, 3:4], 3, stride=1, padding=1) > 0.1  # noqa: E731
+        alive = lambda s: F.max_pool2d(s[:, 3:4], 3, stride=1, padding=1) > 0.1
         new = new * (alive(x) & alive(new)).float()
     return new
 
@@ -221,11 +227,6 @@ def test_cells2pixels_nca_matches_their_step(tmp_path, nca_type):
           "w2.weight": torch.randn(C, fc, 1, 1, generator=g) * 0.1}
     nca = cells2pixels_nca(sd, nca_type=nca_type)
     x = torch.rand(1, C, 9, 11)
-    if nca_type == "GrowingNCA":  # keep away from the border, where their pool pads with -inf
-        x[..., :2, :] = 0
-        x[..., -2:, :] = 0
-        x[..., :2] = 0
-        x[..., -2:] = 0
     ones = torch.ones(1, 1, 9, 11, dtype=torch.bool)
     got = nca.step(x, update_mask=ones, backend="reference")
     torch.testing.assert_close(got, c2p_nca_step(x, sd, nca_type == "GrowingNCA"), rtol=1e-5, atol=1e-5)
@@ -235,6 +236,56 @@ def test_cells2pixels_nca_matches_their_step(tmp_path, nca_type):
     nca2, dec = load_cells2pixels(tmp_path, nca_type=nca_type, scale=4)
     assert dec.spec.channels == C and dec.spec.layers == 3 and dec.spec.scale == 4
     torch.testing.assert_close(nca2.step(x, update_mask=ones, backend="reference"), got)
+
+
+BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs the interpreter"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cells2pixels_growing_border(tmp_path, backend):
+    """Their GrowingNCA pools the alive mask with -inf outside the grid while its perception wraps:
+    live cells on the border of a 12x18 grid step as their code steps them, on every backend, from an
+    experiment folder imported with one call (config.yaml: NCA circular, renderer replicate)."""
+    C, fc = 8, 16
+    g = torch.Generator().manual_seed(5)
+    sd = {"w1.weight": torch.randn(fc, 4 * C, 1, 1, generator=g) * 0.3,
+          "w1.bias": torch.randn(fc, generator=g) * 0.1,
+          "w2.weight": torch.randn(C, fc, 1, 1, generator=g) * 0.3}
+    torch.save(sd, tmp_path / "model.pth")
+    torch.save(c2p_siren_state_dict(C, 1, 8, 2, 4, seed=1), tmp_path / "siren.pth")
+    (tmp_path / "config.yaml").write_text(
+        "nca:\n  type: GrowingNCA\n  output_type: s\n  nca_kwargs: {channels: 8, fc_dim: 16, padding: circular}\n"
+        "siren: {hidden_features: 8, hidden_layers: 2, num_frequencies: 1, first_omega_0: 10.0, "
+        "hidden_omega_0: 10.0, outermost_linear: true, fx: linear, activation: sin}\n"
+        "renderer: {scale_factor: 4, padding: replicate}\n")
+    nca, dec = nca_fast.load_cells2pixels(tmp_path)
+    assert (nca.spec.padding, nca.spec.alive_pool_padding, nca.spec.alive_channel) == ("circular", "ignore", 3)
+    assert (dec.spec.padding, dec.spec.scale, dec.spec.frequencies, dec.spec.out_channels) == ("replicate", 4, 1, 4)
+    x = torch.rand(2, C, 12, 18, generator=g) * 0.4
+    x[:, 3] = (torch.rand(2, 12, 18, generator=g) < 0.25) * 0.3  # live and dead cells, on the border too
+    want = c2p_nca_step(x, sd, growing=True)
+    nca.requires_grad_(False)
+    ones = torch.ones(2, 1, 12, 18, dtype=torch.bool)
+    got = nca.step(x, update_mask=ones, backend=backend)
+    border = torch.ones(12, 18, dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    assert (want[:, :, border] == 0).any() and (want[:, :, border] != 0).any()  # the pool decided there
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    rolled = nca.rollout(x, 3, seed=1, backend=backend)  # the pending alive form of the fused path
+    torch.testing.assert_close(rolled, nca.rollout(x, 3, seed=1, backend="reference"), rtol=1e-4, atol=1e-4)
+
+
+def test_cells2pixels_config_errors(tmp_path):
+    sd = {"w1.weight": torch.zeros(16, 32, 1, 1), "w1.bias": torch.zeros(16), "w2.weight": torch.zeros(8, 16, 1, 1)}
+    torch.save(sd, tmp_path / "model.pth")
+    torch.save(c2p_siren_state_dict(8, 0, 8, 2, 3, seed=1), tmp_path / "siren.pth")
+    for text, match in [("nca: {type: PENCA}\n", "unsupported NCA type 'PENCA'"),
+                        ("siren: {fx: finer}\n", "fx='finer'"), ("nca: [1, 2\n", "not a readable YAML"),
+                        ("- 1\n", "mapping at the top level"), ("nca: {output_type: z}\n", "output_type 'z'")]:
+        (tmp_path / "config.yaml").write_text(text)
+        with pytest.raises(ModelFormatError, match=f"config.yaml: .*{match}"):
+            nca_fast.load_cells2pixels(tmp_path)
 
 
 def test_cells2pixels_nca_rejects_penca():

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 import nca_fast as nf
-from nca_fast import ops, rng
+from nca_fast import rng
+from nca_fast.kernels import launch
+from nca_fast.kernels.config import interpreting, step_config
 from nca_fast.spec import Filter, NCASpec
 
-pytestmark = pytest.mark.skipif(not ops.interpreting() and not torch.cuda.is_available(),
+pytestmark = pytest.mark.skipif(not interpreting() and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by conftest.py without a GPU) or a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
@@ -25,7 +27,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
 def random_spec(g: torch.Generator, **over) -> NCASpec:
     """A random architecture: channels 4-64, hidden 16-256, 1-5 filters (random taps included)."""
-    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]
     C = pick([4, 5, 12, 16, 23])
     names = pick([("identity", "sobel_x", "sobel_y"), ("identity", "sobel_x", "sobel_y", "laplacian"),
                   ("identity",), ("sobel_y", "laplacian")])
@@ -36,7 +38,7 @@ def random_spec(g: torch.Generator, **over) -> NCASpec:
     d = dict(channels=C, hidden=pick([16, 40, 96, 128]), filters=tuple(filters),
              padding=pick(["zeros", "circular", "replicate"]), hidden_bias=pick([True, False]),
              update_bias=pick([True, False]), fire_rate=pick([0.25, 0.5, 1.0]), step_size=pick([1.0, 0.5]),
-             alive_channel=pick([None, 3]),
+             alive_channel=pick([None, 3]), alive_padding=pick([None, None, "ignore", "circular", "replicate"]),
              perception_clamp=(-1.0, 1.0) if clamps else None, hidden_clamp=(0.0, 2.0) if clamps else None,
              update_clamp=(-0.05, 0.05) if clamps else None, state_clamp=(-1.5, 1.5) if clamps else None)
     d.update(over)
@@ -46,7 +48,7 @@ def random_spec(g: torch.Generator, **over) -> NCASpec:
 def random_model(spec: NCASpec, g: torch.Generator) -> nf.NCA:
     w = {n: torch.randn(s, generator=g) * (1.0 / math.sqrt(s[-1]) if len(s) == 2 else 0.1)
          for n, s in spec.parameter_shapes().items()}
-    m = nf.NCA(spec, w).to(DEVICE)
+    m = nf.NCA(spec, w).to(DEVICE).requires_grad_(False)  # inference: the fused step has no backward
     m.fp32_matmul = "ieee"
     return m
 
@@ -86,11 +88,26 @@ def test_fused_rollout_matches_reference(padding):
     torch.testing.assert_close(frames[-1], y, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("padding, alive_padding", [("circular", "ignore"), ("zeros", "circular"),
+                                                    ("replicate", "ignore")])
+def test_fused_alive_padding_apart_from_perception(padding, alive_padding):
+    """The alive pool pads by its own field in the step, the pending form and finalize."""
+    g = torch.Generator().manual_seed(17)
+    spec = nf.growing_spec(padding=padding, alive_padding=alive_padding)
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=2, H=7, W=11)
+    x[:, 3, 0, :] = 0.3  # live cells on the border
+    torch.testing.assert_close(model.step(x, seed=2, step=1, backend="triton"),
+                               model.step(x, seed=2, step=1, backend="reference"), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(model.rollout(x, 3, seed=3, backend="triton"),
+                               model.rollout(x, 3, seed=3, backend="reference"), atol=2e-5, rtol=2e-5)
+
+
 def test_in_kernel_masks_are_bit_identical():
     """With w = 0 and b2 = 1 the update is exactly the fire mask: y - x == mask, bit for bit."""
     spec = NCASpec(channels=4, hidden=16, alive_channel=None, hidden_bias=False, fire_rate=0.37)
     w = {"w1": torch.zeros(16, 12), "w2": torch.zeros(4, 16), "b2": torch.ones(4)}
-    model = nf.NCA(spec, w).to(DEVICE)
+    model = nf.NCA(spec, w).to(DEVICE).requires_grad_(False)
     x = torch.zeros(3, 4, 13, 21, device=DEVICE)
     for seed, step, origin in [(0, 0, (0, 0)), (2**40 + 5, 2**32 - 1, (-7, 1000))]:
         y = model.step(x, seed=seed, step=step, origin=origin, backend="triton")
@@ -115,13 +132,13 @@ def test_output_buffers_poisoned_with_nan_are_fully_written():
     g = torch.Generator().manual_seed(5)
     spec = nf.growing_spec()
     model, x = random_model(spec, g), random_state(spec, g, B=2, H=5, W=35)
-    cfg = ops.step_config(spec, x.dtype, "ieee")
-    packed = ops.packed_weights(model, x.dtype)
+    cfg = step_config(spec, "ieee")
+    packed = model.packed_weights(x.dtype)
     y = torch.full_like(x, float("nan"))
     pre = torch.full((2, 5, 35), 255, dtype=torch.uint8, device=DEVICE)
     out = torch.full_like(x, float("nan"))
-    ops.launch_step(cfg, spec, packed, x, None, y, pre, ops.counter_tensor(1, 2, DEVICE), fire_rate=0.5)
-    ops.launch_finalize(cfg, spec, y, pre, out)
+    launch.launch_step(cfg, spec, packed, x, None, y, pre, launch.counter_tensor(1, 2, DEVICE), fire_rate=0.5)
+    launch.launch_finalize(cfg, spec, y, pre, out)
     assert torch.isfinite(out).all() and (pre <= 1).all()
     torch.testing.assert_close(out, model.step(x, seed=1, step=2, backend="reference"), atol=1e-5, rtol=1e-5)
 
@@ -141,7 +158,7 @@ def test_16bit_states(dtype, atol, rtol):
 def _shared(path):
     if not (SHARED / path).exists():
         pytest.skip(f"shared model {path} not found under {SHARED}")
-    return nf.load(SHARED / path, **({"name": "bubbly_0101"} if "textures" in path else {}))
+    return nf.load(SHARED / path, **({"name": "bubbly_0101"} if "textures" in path else {})).requires_grad_(False)
 
 
 @pytest.mark.parametrize("path", ["distill-growing/ex1_lizard.json", "distill-growing/ex2_lizard.json",
@@ -188,8 +205,8 @@ def test_op_works_under_torch_compile_fullgraph():
     g = torch.Generator().manual_seed(2)
     model = random_model(spec, g)
     x = random_state(spec, g, B=1, H=5, W=9)
-    w1, b1, w2, b2 = ops.packed_weights(model, x.dtype)
-    ctr = ops.counter_tensor(4, 5, DEVICE)
+    w1, b1, w2, b2 = model.packed_weights(x.dtype)
+    ctr = launch.counter_tensor(4, 5, DEVICE)
 
     def f(x):
         return torch.ops.nca_fast.fused_step(x, w1, b1, w2, b2, ctr, None, spec.json, 0.5, 0, 0, "ieee") * 2
@@ -211,7 +228,7 @@ def test_fused_rollout_object_reuses_buffers_and_takes_new_counters():
     spec = nf.growing_spec()
     model = random_model(spec, g)
     x = random_state(spec, g, B=1, H=6, W=33)
-    r = ops.FusedRollout(model, x.shape, x.dtype, x.device, steps=2)
+    r = model.fused_rollout(x.shape, x.dtype, steps=2)
     ptrs = [b.data_ptr() for b in r.bufs]
     for seed, start in [(1, 0), (5, 40)]:
         y = r(x, seed=seed, start_step=start)
@@ -226,7 +243,7 @@ def test_fused_rollout_object_reuses_buffers_and_takes_new_counters():
 def test_persistent_grid_with_spare_programs(monkeypatch, programs):
     """On a GPU the persistent grid has fewer programs than tiles; in the last round some programs
     have no tile left and must write nothing (here: 2 images x 4 tiles over 2 or 3 programs)."""
-    monkeypatch.setattr(ops, "_grid_programs", lambda n_tiles, device: programs)
+    monkeypatch.setattr(launch, "grid_programs", lambda n_tiles, device: programs)
     g = torch.Generator().manual_seed(21)
     spec = nf.growing_spec()
     model, x = random_model(spec, g), random_state(spec, g, B=2, H=7, W=40)

@@ -4,20 +4,17 @@ import pytest
 import torch
 
 import nca_fast as nf
-from nca_fast import ops
-from nca_fast.decoders import build_decoder
-from nca_fast.decoders.render import render_frames
-from nca_fast.decoders.spec import lppn_spec, pixel_shuffle_spec
-from nca_fast.ops_decode import decode
+from nca_fast.decoders import build_decoder, decode, lppn_spec, pixel_shuffle_spec, render_frames
+from nca_fast.kernels.config import interpreting
 
-pytestmark = pytest.mark.skipif(not ops.interpreting() and not torch.cuda.is_available(),
+pytestmark = pytest.mark.skipif(not interpreting() and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 (set by conftest.py without a GPU) or a CUDA device")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model_and_state(spec, seed, B=2, H=5, W=35):
     g = torch.Generator().manual_seed(seed)
-    model = nf.NCA(spec, init_seed=seed).to(DEVICE)
+    model = nf.NCA(spec, init_seed=seed).to(DEVICE).requires_grad_(False)
     model.fp32_matmul = "ieee"
     x = torch.randn(B, spec.channels, H, W, generator=g) * 0.3
     if spec.alive_channel is not None:
@@ -33,7 +30,7 @@ def test_fused_render_matches_reference(spec, scale, hidden, K):
     model, x = _model_and_state(spec, scale + hidden)
     dec = build_decoder(pixel_shuffle_spec(spec.channels, scale=scale, out_channels=K, hidden=hidden),
                         init_seed=scale).to(DEVICE)
-    frames = [(k, img.clone()) for k, img in ops.fused_render(model, dec, x, 3, seed=2, every=2)]
+    frames = [(k, img.clone()) for k, img in render_frames(model, dec, x, 3, seed=2, every=2, backend="triton")]
     assert [k for k, _ in frames] == [2]
     ref_state = model.rollout(x, 2, seed=2, backend="reference")
     ref = decode(dec, ref_state, backend="reference")
@@ -45,11 +42,11 @@ def test_render_frames_uses_the_fused_pass_and_poisoned_frame_is_overwritten():
     spec = nf.texture_spec()
     model, x = _model_and_state(spec, 4, B=1, H=3, W=33)
     dec = build_decoder(pixel_shuffle_spec(spec.channels, scale=2), init_seed=1).to(DEVICE)
-    r = ops.FusedRollout(model, x.shape, x.dtype, x.device, steps=1, decoder=dec)
-    r.decode.image.fill_(float("nan"))
+    r = model.fused_rollout(x.shape, x.dtype, steps=1, decoder=dec)
+    r.image.fill_(float("nan"))
     r(x, seed=3, start_step=4)
     ref = decode(dec, model.step(x, seed=3, step=4, backend="reference"), backend="reference")
-    torch.testing.assert_close(r.decode.image, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(r.image, ref, atol=2e-5, rtol=2e-5)
     fused = [img.clone() for _, img in render_frames(model, dec, x, 2, seed=3, backend="triton")]
     plain = [img for _, img in render_frames(model, dec, x, 2, seed=3, backend="reference")]
     for a, b in zip(fused, plain):
@@ -60,6 +57,6 @@ def test_fused_render_rejects_what_it_cannot_fuse():
     spec = nf.texture_spec()
     model, x = _model_and_state(spec, 5, B=1, H=3, W=3)
     with pytest.raises(ValueError, match="only pixel_shuffle"):
-        next(ops.fused_render(model, build_decoder(lppn_spec(12, scale=2)), x, 1))
+        model.fused_rollout(x.shape, x.dtype, 1, decoder=build_decoder(lppn_spec(12, scale=2)))
     with pytest.raises(ValueError, match="decoder takes 16 channels"):
-        next(ops.fused_render(model, build_decoder(pixel_shuffle_spec(16, scale=2)), x, 1))
+        model.fused_rollout(x.shape, x.dtype, 1, decoder=build_decoder(pixel_shuffle_spec(16, scale=2)))

@@ -17,6 +17,6 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["failures"] == [] and report["correctness"]["masks_bit_identical"]
     assert len(report["correctness"]["step"]) == 12
-    assert {r["provider"] for r in report["throughput"]} == {"reference", "triton-fp32", "triton-fp16"}
+    assert {r["provider"] for r in report["throughput"]} == {"reference", "triton-tf32", "triton-fp16"}
     assert len(report["decoders"]) == 2
     assert "all checks passed" in (tmp_path / "gpu_check.md").read_text()

@@ -156,7 +156,7 @@ def test_webgl_dequantisation(tmp_path, channels, hidden):
     path.write_text(json.dumps(_webgl_layers(q1, q2)))
     m = nca_fast.load(path)
     assert m.spec == growing_spec(channels=channels, hidden=hidden, name="ex")
-    deq = lambda q, s: (q.astype(np.float64) / 255 - 0.5) * s  # noqa: E731
+    deq = lambda q, s: (q.astype(np.float64) / 255 - 0.5) * s
     expect = {"w1": deq(q1[:-1], 1.3).T, "b1": deq(q1[-1], 0.5),
               "w2": deq(q2[:-1], 1.1).T, "b2": deq(q2[-1], 0.2)}
     for k, v in expect.items():
@@ -342,7 +342,7 @@ def _chenmingxiang110_update(x, sd):
     C = x.shape[-1]
     x = x.transpose(1, 3)  # [B, C, W, H]: the port's own layout
     pre = _alive(x)
-    conv = lambda k: F.conv2d(x, k.view(1, 1, 3, 3).repeat(C, 1, 1, 1), padding=1, groups=C)  # noqa: E731
+    conv = lambda k: F.conv2d(x, k.view(1, 1, 3, 3).repeat(C, 1, 1, 1), padding=1, groups=C)
     p = torch.cat((x, conv(_SOBEL), conv(_SOBEL.T)), 1).transpose(1, 3)
     dx = F.linear(torch.relu(F.linear(p, sd["fc0.weight"], sd["fc0.bias"])), sd["fc1.weight"])
     x = x + dx.transpose(1, 3)

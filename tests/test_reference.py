@@ -1,10 +1,10 @@
 """The reference step (nca_fast.reference and NCA.step(backend='reference')) against the independent
 NumPy twin in numpy_nca.py, in float64, for the growing and texture semantics and random specs."""
 import numpy as np
+import numpy_nca
 import pytest
 import torch
 
-import numpy_nca
 from nca_fast import NCA, Filter, NCASpec, growing_spec, reference, texture_spec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -164,6 +164,22 @@ def test_alive_pool_border(padding):
     got = reference.alive_mask(x, spec)[0, 0].numpy()
     np.testing.assert_array_equal(got, numpy_nca.alive(x.numpy(), 3, -0.5, padding)[0, 0])
     assert got[-1, -1] == (padding == "circular") and got[1, 1] and not got[2, 2]
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("alive_padding", ["ignore", "circular", "replicate"])
+def test_alive_padding_apart_from_perception(padding, alive_padding, np_rng):
+    """The alive pool pads by its own field: every pairing with the perception padding matches the
+    NumPy twin, live cells on the border included."""
+    spec = growing_spec(channels=5, hidden=6, padding=padding, alive_padding=alive_padding, alive_threshold=0.1)
+    params = random_params(spec, np_rng)
+    x = np_rng.standard_normal((2, 5, 6, 9)) * 0.3
+    x[:, 3] = (np_rng.random((2, 6, 9)) < 0.3) * 0.3
+    want = numpy_nca.step(x, params, spec)
+    got = reference.step(t64(x), {k: t64(v) for k, v in params.items()}, spec, None)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
+    assert spec.alive_pool_padding == alive_padding
+    assert growing_spec(padding=padding).alive_pool_padding == ("ignore" if padding == "zeros" else padding)
 
 
 def test_comparison_detects_wrong_semantics(np_rng):

@@ -7,10 +7,10 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import numpy_nca
 import pytest
 import torch
 
-import numpy_nca
 from nca_fast import NCA, growing_spec, rng, texture_spec
 
 pytestmark = pytest.mark.usefixtures("single_thread")

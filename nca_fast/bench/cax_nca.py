@@ -11,7 +11,7 @@ CAX conventions and how they are matched:
   the reference fires with probability ``fire_rate`` without rescaling, so ``rate = 1 - fire_rate`` and
   ``step_size * fire_rate`` cancel the rescaling (verified with ``fire_rate = 1``, no dropout);
 * padding is applied by ``jnp.pad`` before a VALID convolution (CAX's SAME is zero padding only),
-  and the alive max-pool pads the same way (-inf for zero padding, as ``padding='SAME'``).
+  and the alive max-pool pads by the spec's alive padding (-inf for "ignore", as ``padding='SAME'``).
 
 ``NCAUpdate``/``ResidualUpdate`` cannot clamp the update or the state (the texture model's clamps),
 so the update here subclasses ``ResidualUpdate`` and adds them: still CAX modules and CAX's
@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 import torch
+
+from .runner import Runner
 
 _JNP_PAD = {"zeros": "constant", "circular": "wrap", "replicate": "edge"}
 
@@ -54,7 +56,7 @@ def build(model, fire_rate=None):
     C, F, hid = spec.channels, spec.n_filters, spec.hidden
     perm = _perm(spec)
     mode = _JNP_PAD[spec.padding]
-    clip = lambda t, r: t if r is None else jnp.clip(t, r[0], r[1])  # noqa: E731
+    clip = lambda t, r: t if r is None else jnp.clip(t, r[0], r[1])
 
     class Perceive(ConvPerceive):
         def __call__(self, state):
@@ -75,10 +77,10 @@ def build(model, fire_rate=None):
             if spec.alive_channel is None:
                 return None
             a = state[..., -1:]
-            if spec.padding == "zeros":
+            if spec.alive_pool_padding == "ignore":
                 a = jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
             else:
-                a = jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)
+                a = jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=_JNP_PAD[spec.alive_pool_padding])
             return nnx.max_pool(a, (3, 3), padding="VALID") > spec.alive_threshold
 
     class NCA(ComplexSystem):
@@ -114,8 +116,6 @@ def cax_runner(model, x):
     import jax
     import jax.numpy as jnp
 
-    from .providers import Runner
-
     cs, perm = build(model)
     inv = np.argsort(perm)
     cache = {}
@@ -145,7 +145,8 @@ def cax_runner(model, x):
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     step(x, 1)
+    gpu = jax.devices()[0].platform == "gpu"  # XLA runs float32 convolutions in TF32 there
     runner = Runner(step, check, compile_s=max(0.0, first - (time.perf_counter() - t0)),
-                    check_needs_full_fire=True)
+                    check_needs_full_fire=True, precision="tf32" if gpu else "ieee")
     runner.notes.append(f"jax {jax.__version__} on {jax.devices()[0].platform}")
     return runner

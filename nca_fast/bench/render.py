@@ -14,10 +14,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from .. import ops
-from ..decoders import build_decoder
-from ..decoders.spec import lppn_spec, pixel_shuffle_spec
-from ..ops_decode import decode
+from ..decoders import build_decoder, decode, lppn_spec, pixel_shuffle_spec
+from ..kernels.config import step_problem
 from . import timing
 from .cases import default_model, realistic_state
 
@@ -30,8 +28,8 @@ def _pipelines(model, x, backend: str) -> Dict[str, Callable[[int], object]]:
     lppn = build_decoder(lppn_spec(model.spec.channels, scale=SCALE, hidden=32, layers=3),
                          init_seed=2).to(x.device)
     if backend == "triton":
-        plain = ops.FusedRollout(model, x.shape, x.dtype, x.device, steps=1)
-        fused = ops.FusedRollout(model, x.shape, x.dtype, x.device, steps=1, decoder=ps)
+        plain = model.fused_rollout(x.shape, x.dtype, steps=1)
+        fused = model.fused_rollout(x.shape, x.dtype, steps=1, decoder=ps)
         if x.device.type == "cuda":
             plain.capture()
             fused.capture()
@@ -39,7 +37,7 @@ def _pipelines(model, x, backend: str) -> Dict[str, Callable[[int], object]]:
                 "step+pixel_shuffle": lambda k: fused(x, seed=0, start_step=k),
                 "step+lppn": lambda k: decode(lppn, plain(x, seed=0, start_step=k), backend="triton",
                                               precision="fp16")}
-    step = lambda k: model.step(x, seed=0, step=k, backend=backend)  # noqa: E731
+    step = lambda k: model.step(x, seed=0, step=k, backend=backend)
     return {"step": step,
             "step+pixel_shuffle": lambda k: decode(ps, step(k), backend=backend),
             "step+lppn": lambda k: decode(lppn, step(k), backend=backend)}
@@ -52,8 +50,7 @@ def run_render(device: torch.device, *, min_time: float = 0.5, log: Callable[[st
     model = default_model("texture").to(device)
     H, W = GPU_GRID if device.type == "cuda" else CPU_GRID
     x = realistic_state(model, 1, max(H, W), device=device)[:, :, :H, :W].contiguous()
-    backends = ["auto"] + (["triton"] if device.type == "cuda" and not ops.unavailable_reason(model, x)
-                           else [])
+    backends = ["auto"] + (["triton"] if device.type == "cuda" and not step_problem(model.spec, x) else [])
     rows = []
     for backend in backends:
         times = {}

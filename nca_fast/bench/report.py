@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Dict, List
 
+from ..utils.files import atomic_output, atomic_write_bytes
 from .render import markdown as render_markdown
 
 HEADER = ("case", "provider", "cell-upd/s", "ms/step (min-max)", "x ref", "% floor", "peak mem", "note")
@@ -52,7 +53,7 @@ def table(report: dict) -> str:
     """The terminal table (fixed-width columns)."""
     body = rows(report)
     widths = [max(len(str(x)) for x in col) for col in zip(HEADER, *body)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     lines = header_lines(report) + ["", fmt(HEADER), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in body]
     lines += ["", "cell-upd/s: median throughput; x ref: speed-up over `reference` in the same case; "
@@ -78,7 +79,7 @@ def markdown(report: dict) -> str:
 
 
 def write_json(report: dict, path: Path) -> None:
-    path.write_text(json.dumps(report, indent=1))
+    atomic_write_bytes(path, json.dumps(report, indent=1).encode())
 
 
 def plot(report: dict, path: Path) -> None:
@@ -111,7 +112,8 @@ def plot(report: dict, path: Path) -> None:
             ax.legend()
     fig.suptitle(f"nca-fast bench: {report['device']['name']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -131,7 +133,7 @@ def write_all(report: dict, out_dir: Path, stem: str = "", plot_png: bool = True
     stem = stem or default_stem(report)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     write_json(report, paths["json"])
-    paths["md"].write_text(markdown(report))
+    atomic_write_bytes(paths["md"], markdown(report).encode())
     if plot_png:
         paths["png"] = out_dir / f"{stem}.png"
         plot(report, paths["png"])

@@ -12,7 +12,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .. import __version__
+from .._version import __version__
+from ..kernels.config import bytes_per_cell_update
 from ..model import NCA
 from . import timing
 from .cases import Case, realistic_state
@@ -24,7 +25,7 @@ class Settings:
     """How long to measure. ``repeats`` fixes the number of timed steps (``min_time`` then 0)."""
 
     warmup: int = 1
-    min_time: float = 0.3
+    min_time: float = 0.25
     min_repeats: int = 3
     max_repeats: int = 200
     max_time: float = 10.0
@@ -114,11 +115,6 @@ class Result:
     notes: List[str] = field(default_factory=list)
 
 
-def bytes_per_cell(model: NCA, dtype: torch.dtype) -> int:
-    """Memory floor of one cell-update: read the state and write the next one."""
-    return 2 * model.spec.channels * torch.empty((), dtype=dtype).element_size()
-
-
 @torch.no_grad()
 def run_one(case: Case, model: NCA, provider: Union[str, Provider], device: torch.device,
             settings: Settings, bandwidth: float, log: Callable[[str], None] = print) -> Result:
@@ -168,7 +164,7 @@ def run_one(case: Case, model: NCA, provider: Union[str, Provider], device: torc
     r.samples_s = [t * per_step for t in samples.seconds]
     r.median_s, r.min_s, r.max_s = samples.median * per_step, samples.min * per_step, samples.max * per_step
     r.cells_per_s = case.cells / r.median_s
-    r.bytes_per_cell = bytes_per_cell(model, runner.dtype)
+    r.bytes_per_cell = bytes_per_cell_update(model.spec, runner.dtype)
     r.floor_fraction = case.cells * r.bytes_per_cell / bandwidth / r.median_s
     r.peak_mem_bytes, r.peak_mem_how, r.base_mem_bytes = mem.bytes, mem.how, mem.base
     log(f"  {case.label:22s} {name:12s} {r.cells_per_s / 1e6:9.3f} M cell-updates/s "

@@ -6,23 +6,28 @@ from pathlib import Path
 
 import torch
 
-QUICK_CPU_PROVIDERS = ("reference", "auto", "cpu", "cax")
+from .. import bench
+from ..bench import cases as C
+from ..bench.render import run_render
+from .info import load_model
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the backends (quick by default on a CPU)",
                        description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true",
-                   help="every provider and size, longer measurements (GPU: 64..4096; CPU: 64..1024)")
+                   help="every provider that runs here, more sizes (GPU: 64..4096; CPU: 64..1024), longer "
+                        "measurements")
     p.add_argument("--sizes", type=int, nargs="+", metavar="N", help="square grid sizes")
-    p.add_argument("--providers", help="comma-separated: reference,compile,auto,cpu,triton-fp32,"
-                                       "triton-fp16,cax (default: all on a GPU or with --full; "
-                                       + ",".join(QUICK_CPU_PROVIDERS) + " on a CPU)")
+    p.add_argument("--providers", help="comma-separated, of " + ",".join(bench.PROVIDER_NAMES) + " (default: "
+                   + ",".join(bench.DEFAULT_GPU_PROVIDERS) + " on a GPU; " + ",".join(bench.DEFAULT_CPU_PROVIDERS)
+                   + " on a CPU)")
     p.add_argument("--models", default="growing,texture", help="built-in models (default: %(default)s)")
     p.add_argument("--model", metavar="FILE", help="benchmark this model file (anything nca_fast.load reads) "
                                                    "instead of the built-in models")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], metavar="B",
-                   help="batch sizes; batches > 1 only up to 128x128 (default: 1 8)")
+    p.add_argument("--batches", type=int, nargs="+", metavar="B",
+                   help="batch sizes; batches > 1 only up to 128x128 (default: 1 8 on a GPU or with --full, "
+                        "1 on a CPU)")
     p.add_argument("--repeats", type=int, help="exactly this many timed steps per measurement")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
@@ -33,26 +38,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load_model(path: str):
-    import nca_fast
-    if not Path(path).exists():
-        raise FileNotFoundError(f"model file not found: {path}")
-    load = getattr(nca_fast, "load", None)
-    if load is None:
-        raise RuntimeError("this nca_fast has no nca_fast.load to read model files")
-    return load(path)
-
-
 def run(args) -> int:
-    from .. import bench
-    from ..bench import cases as C
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no CUDA device is available")
     gpu = device.type == "cuda"
     if args.model:
-        model = _load_model(args.model)
+        model = load_model(args.model)
         name = Path(args.model).stem
         models = {name: model}
     else:
@@ -60,24 +52,24 @@ def run(args) -> int:
         models = {n: C.default_model(n) for n in names}
     if args.providers:
         providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    elif gpu or args.full:
+    elif args.full:
         providers = [p for p in bench.PROVIDER_NAMES if gpu or not p.startswith("triton")]
     else:
-        providers = list(QUICK_CPU_PROVIDERS)
+        providers = list(bench.DEFAULT_GPU_PROVIDERS if gpu else bench.DEFAULT_CPU_PROVIDERS)
     if args.sizes:
         sizes = args.sizes
     else:
         sizes = C.GPU_SIZES if gpu else (C.CPU_FULL_SIZES if args.full else C.CPU_QUICK_SIZES)
-    for b in args.batches:
+    batches = args.batches or ([1, 8] if gpu or args.full else [1])
+    for b in batches:
         if b < 1:
             raise ValueError(f"batch sizes must be >= 1, got {b}")
-    cases = bench.make_cases(list(models), sizes, args.batches)
+    cases = bench.make_cases(list(models), sizes, batches)
     settings = bench.Settings.for_mode(args.full, args.repeats)
 
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  (progress; the table goes to stdout)
+    log = lambda s: print(s, file=sys.stderr, flush=True)
     report = bench.run(cases, models, providers, device, settings, log=log, argv=sys.argv[1:])
     if not args.no_render:
-        from ..bench.render import run_render
         report["render"] = run_render(device, min_time=settings.min_time, log=log)
     print(bench.report.table(report))
     paths = bench.report.write_all(report, Path(args.out), args.name, plot_png=not args.no_plot)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..decoders import fit_decoder, save_decoder
+from ..media import load_image
 from .info import BUILTINS, load_model
 from .run import parse_size
 
@@ -30,9 +32,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..decoders import fit_decoder, save_decoder
-    from ..decoders.fit import load_image
-
     if args.scale < 1 or args.steps < 0 or args.grow_steps < 0:
         raise ValueError("--scale must be >= 1 and --steps, --grow-steps >= 0")
     grid = parse_size(args.grid) if args.grid else None

@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+from ..io import load
 from ..model import NCA
 from ..spec import growing_spec, texture_spec
 
@@ -19,14 +20,13 @@ def load_model(model: str, name: Optional[str] = None) -> NCA:
         if name is not None:
             raise ValueError(f"built-in model {model!r} takes no --name")
         return NCA(BUILTINS[model](name=model))
-    from ..io import load
     return load(model, name=name)
 
 
 def describe(model: NCA) -> str:
     """A readable multi-line summary of ``model``'s spec and parameters."""
     s = model.spec
-    row = lambda k, v: f"{k + ':':<18} {v}"  # noqa: E731
+    row = lambda k, v: f"{k + ':':<18} {v}"
     lines = [row("model", s.name or "(unnamed)")]
     lines += [row(f.name, getattr(s, f.name)) for f in dataclasses.fields(s)
               if f.name not in ("name", "filters")]

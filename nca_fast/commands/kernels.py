@@ -2,15 +2,16 @@
 machine without a GPU, and print registers, spills, shared memory and tensor-core instructions."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-from ..kernels import KERNEL_MODULES
-from ..kernels.compile import SHARED_LIMIT, TARGETS
+from ..kernels import catalogue
+from ..kernels.compile import SHARED_LIMIT, TARGETS, compile_config
+from ..kernels.config import interpreting
+from ..utils.files import atomic_write_bytes
 
 
 def add_parser(sub):
@@ -24,53 +25,35 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _configs(module_filter=""):
-    out = []
-    for name in KERNEL_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        out += [(name, i, c.name, c.note) for i, c in enumerate(module.compile_configs())
-                if module_filter in c.name]
-    return out
-
-
 def _compile(job):
-    module, index, target = job
-    from ..kernels.compile import compile_config
-
-    cfg = importlib.import_module(module).compile_configs()[index]
+    index, target = job
+    cfg = catalogue.compile_configs()[index]
     try:
         res = compile_config(cfg, target)
         if res["shared_bytes"] > SHARED_LIMIT[target]:
             return {"ok": False, **res, "error": f"{res['shared_bytes']} B of shared memory exceed "
                                                  f"{target}'s {SHARED_LIMIT[target]} B per block"}
         return {"ok": True, **res}
-    except Exception as e:  # reported in the table; the command fails at the end
+    except Exception as e:  # noqa: BLE001  reported in the table; the command fails at the end
         return {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
 
 
 def run(args) -> int:
-    from ..ops import interpreting
-
     if interpreting():
         # Under the interpreter @triton.jit gives uncompilable functions: run in a clean process.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "nca_fast.cli", *sys.argv[1:]], env=env)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     targets = args.target or list(TARGETS)
-    configs = _configs(args.filter)
-    jobs = [(m, i, t) for t in targets for (m, i, _, _) in configs]
+    configs = [(i, c.name, c.note) for i, c in enumerate(catalogue.compile_configs()) if args.filter in c.name]
+    jobs = [(i, t) for t in targets for (i, _, _) in configs]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(_compile, jobs))
     rows, failed = [], 0
     head = f"{'target':7} {'configuration':34} {'tile':10} {'regs':>4} {'spill B':>7} {'smem B':>7}  tensor cores"
     print(head + "\n" + "-" * len(head))
-    for (module, index, target), res in zip(jobs, results):
-        name, note = next((n, note) for (m, i, n, note) in configs if (m, i) == (module, index))
+    for (index, target), res in zip(jobs, results):
+        name, note = next((n, note) for (i, n, note) in configs if i == index)
         rows.append({"target": target, "config": name, "note": note, **res})
         if res["ok"]:
             print(f"{target:7} {name:34} {note[5:]:10} {res['registers']:>4} {res['spill_bytes']:>7} "
@@ -79,7 +62,6 @@ def run(args) -> int:
             failed += 1
             print(f"{target:7} {name:34} ERROR: {res['error']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_bytes(args.json, json.dumps(rows, indent=1).encode())
     print(f"{len(rows) - failed} configurations compiled, {failed} failed")
     return 1 if failed else 0

@@ -8,8 +8,9 @@ import re
 import torch
 
 from .. import media
-from ..io.errors import optional_import
-from ..model import BACKENDS
+from ..backend import BACKENDS
+from ..decoders import decode, load_decoder, render_frames
+from ..utils.optional import optional_import
 from .info import BUILTINS, load_model
 
 MAX_SIDE = 1 << 16
@@ -49,8 +50,6 @@ def _check(args):
 
 def _load_decoder(args, model, device):
     """The decoder and the output size it renders at (None: its own scale)."""
-    from ..decoders import load_decoder
-
     decoder = load_decoder(args.decoder).to(device)
     if decoder.spec.channels != model.spec.channels:
         raise ValueError(f"decoder {args.decoder} takes {decoder.spec.channels} channels, the model has "
@@ -72,16 +71,13 @@ def run(args) -> int:
     decoder, size = _load_decoder(args, model, device) if args.decoder else (None, None)
     x = model.seed(args.batch, height, width, device=device)
     if decoder is None:
-        frame = lambda state: media.to_frame(model.to_rgb(state), args.scale_up)  # noqa: E731
-        stream = lambda: model.frames(x, args.steps, seed=args.seed, every=args.every,  # noqa: E731
+        frame = lambda state: media.to_frame(model.to_rgb(state), args.scale_up)
+        stream = lambda: model.frames(x, args.steps, seed=args.seed, every=args.every,
                                       backend=args.backend)
     else:
-        from ..decoders.render import render_frames
-        from ..ops_decode import decode
-
-        image = lambda state: decode(decoder, state, backend=args.backend, size=size)  # noqa: E731
-        frame = lambda img: media.to_frame(img[:, :3], args.scale_up)  # noqa: E731
-        stream = lambda: render_frames(model, decoder, x, args.steps, seed=args.seed,  # noqa: E731
+        image = lambda state: decode(decoder, state, backend=args.backend, size=size)
+        frame = lambda img: media.to_frame(img[:, :3], args.scale_up)
+        stream = lambda: render_frames(model, decoder, x, args.steps, seed=args.seed,
                                        every=args.every, backend=args.backend, size=size)
     bar = tqdm(total=args.steps, unit="step", desc=model.spec.name or "nca", disable=None)
     with bar:

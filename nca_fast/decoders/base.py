@@ -6,10 +6,8 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from ..model import register_weights
+from ..utils.checks import check_state, register_weights
 from .spec import DecoderSpec
-
-STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class Decoder(nn.Module):
@@ -44,18 +42,7 @@ class Decoder(nn.Module):
         return self.w0.device
 
     def check_state(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"state must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"state must be [B, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.spec.channels:
-            raise ValueError(f"state has {x.shape[1]} channels, the decoder takes {self.spec.channels}")
-        if x.dtype not in STATE_DTYPES:
-            raise ValueError(f"state dtype {x.dtype} not supported; use one of {STATE_DTYPES}")
-        if min(x.shape) < 1:
-            raise ValueError(f"state has an empty dimension: {tuple(x.shape)}")
-        if x.device != self.device:
-            raise ValueError(f"state is on {x.device} but the decoder is on {self.device}")
+        check_state(x, self.spec.channels, self.device, "decoder")
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         """The reference path (differentiable): ``[B, C, H, W] -> [B, K, Ho, Wo]`` (float32, or

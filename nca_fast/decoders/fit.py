@@ -8,7 +8,10 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .spec import DecoderSpec
+from ..media import load_image
+from .build import build_decoder
+from .lppn import lppn_inputs, siren
+from .spec import DecoderSpec, lppn_spec, pixel_shuffle_spec
 
 
 class FitResult(NamedTuple):
@@ -16,23 +19,6 @@ class FitResult(NamedTuple):
     losses: List[float]      # MSE per optimisation step
     target: torch.Tensor     # [1, K, H*s, W*s] the resized target
     states: torch.Tensor     # [n_states, C, H, W] the frozen NCA states it was fitted on
-
-
-def load_image(path) -> torch.Tensor:
-    """An image file -> ``[K, H, W]`` float in [0, 1] (K = 4 when it has alpha, else 3)."""
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ImportError('reading images needs Pillow: pip install "nca-fast[formats]"') from e
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image at {path}")
-    with Image.open(path) as im:
-        has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-        im = im.convert("RGBA" if has_alpha else "RGB")
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        t = data.view(im.height, im.width, len(im.getbands()))
-    return t.permute(2, 0, 1).float() / 255.0
 
 
 def _as_target(image) -> torch.Tensor:
@@ -62,9 +48,6 @@ def fit_decoder(model, image, scale: int, *, kind: str = "lppn", spec: Optional[
     ``H*s x W*s``, with cosine learning-rate decay; the output bias starts at the target's mean
     colour. ``callback(step, loss)`` is called after every step.
     """
-    from . import build_decoder
-    from .spec import lppn_spec, pixel_shuffle_spec
-
     target = _as_target(image)
     if not isinstance(scale, int) or scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
@@ -113,12 +96,11 @@ def fit_decoder(model, image, scale: int, *, kind: str = "lppn", spec: Optional[
         opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     tgt = target.expand(states.shape[0], -1, -1, -1)
     if spec.kind == "lppn":  # the interpolated inputs do not depend on the weights: build them once
-        from .lppn import lppn_inputs, siren
         inputs = lppn_inputs(states, spec, spec.output_size(H, W))
         tgt = tgt.permute(0, 2, 3, 1)
-        render = lambda: siren(inputs, decoder.params(), spec)  # noqa: E731
+        render = lambda: siren(inputs, decoder.params(), spec)
     else:
-        render = lambda: decoder(states)  # noqa: E731
+        render = lambda: decoder(states)
     losses: List[float] = []
     decoder.train()
     for i in range(steps):

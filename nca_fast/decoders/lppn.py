@@ -107,7 +107,7 @@ class LPPNDecoder(Decoder):
         biases nn.Linear's U(+-1/sqrt(in))."""
         out = {}
         shapes = spec.parameter_shapes()
-        uni = lambda shape, bound: (torch.rand(shape, generator=generator) * 2 - 1) * bound  # noqa: E731
+        uni = lambda shape, bound: (torch.rand(shape, generator=generator) * 2 - 1) * bound
         for i in range(spec.layers + 1):
             n_out, n_in = shapes[f"w{i}"]
             bound = 1.0 / n_in if i == 0 else math.sqrt(6.0 / n_in) / spec.hidden_omega

@@ -1,41 +1,42 @@
 """Rendering rollouts through a decoder."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 
+from ..kernels.config import head_problem
+from ..kernels.rollout import fused_stream
+from .decode import check_precision, decode
+
 
 def render_frames(model, decoder, x: torch.Tensor, steps: int, *, every: int = 1, seed: int = 0,
-                  backend: str = "auto", size=None,
-                  precision: str = "fp32") -> Iterator[Tuple[int, torch.Tensor]]:
+                  start_step: int = 0, backend: str = "auto", size=None,
+                  precision: Optional[str] = None) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(steps_done, image [B, K, Ho, Wo])`` after every ``every``-th step of ``model.frames``.
 
     ``backend`` drives both the steps and the decode. On the fused path a pixel-shuffle decoder runs
-    in the same pass as the step (``nca_fast.ops.fused_render``): its image has the state's dtype, is
-    computed with the step's MLP precision (``model.fp32_matmul``), and its buffer is reused by the
-    next frame (copy it to keep it). Arguments are checked at the call.
+    in the same pass as the step when ``precision`` is None or the step's own
+    (``model.precision(x.dtype)``): its image has the state's dtype and its buffer is reused by the
+    next frame (copy it to keep it). Otherwise each frame is decoded by :func:`decode` in
+    ``precision`` ("ieee" when None). Arguments are checked at the call.
     """
-    from ..ops import fused_render
-    from ..ops_decode import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision is not None:
+        check_precision(precision)
+    decoder.check_state(x)
     if decoder.spec.channels != model.spec.channels:
         raise ValueError(f"decoder takes {decoder.spec.channels} channels, the model has "
                          f"{model.spec.channels}")
-    decoder.check_state(x)
-    frames = model.frames(x, steps, seed=seed, every=every, backend=backend)  # checks the rest
-    fusable = (decoder.spec.kind == "pixel_shuffle" and size is None and precision == "fp32"
-               and decoder.spec.hidden <= 128 and x.dtype != torch.float64)
-    if fusable and model._resolve_backend(backend, x) == "triton":
-        return fused_render(model, decoder, x, steps, seed=seed, every=every)
-    return _decoded(frames, decoder, backend, size, precision)
+    frames = model.frames(x, steps, seed=seed, start_step=start_step, every=every, backend=backend)
+    fusable = (size is None and x.dtype != torch.float64 and precision in (None, model.precision(x.dtype))
+               and not head_problem(decoder.spec, model.spec, x.shape))
+    if fusable and model._choose(backend, x, needs_grad=False) == "triton":
+        r = model.fused_rollout(x.shape, x.dtype, steps, decoder=decoder)
+        return (item[::2] for item in fused_stream(r, x, seed=seed, start_step=start_step, every=every))
+    return _decoded(frames, decoder, backend, size, precision or "ieee")
 
 
 def _decoded(frames, decoder, backend, size, precision):
-    from ..ops_decode import decode
-
     for k, state in frames:
         yield k, decode(decoder, state, backend=backend, size=size, precision=precision)
 

@@ -16,18 +16,18 @@ the last one is the output layer.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Dict, Tuple
+
+from ..utils.jsonspec import JsonSpec
 
 KINDS = ("pixel_shuffle", "lppn")
 LPPN_PADDINGS = ("circular", "replicate")
 
 
 @dataclass(frozen=True)
-class DecoderSpec:
+class DecoderSpec(JsonSpec):
     kind: str
     channels: int
     out_channels: int = 3
@@ -101,27 +101,6 @@ class DecoderSpec:
         if self.kind == "pixel_shuffle":
             return 2.0 * macs / self.scale ** 2
         return 2.0 * macs + 8.0 * self.channels
-
-    # ---- JSON ----------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self, **kw) -> str:
-        return json.dumps(self.to_dict(), **kw)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DecoderSpec":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown DecoderSpec fields: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> "DecoderSpec":
-        return cls.from_dict(json.loads(s))
-
-    def replace(self, **changes: Any) -> "DecoderSpec":
-        return dataclasses.replace(self, **changes)
 
 
 def pixel_shuffle_spec(channels: int, scale: int = 8, out_channels: int = 3, hidden: int = 0,

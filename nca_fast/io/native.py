@@ -1,16 +1,12 @@
 """The native format: safetensors holding ``w1, b1, w2, b2`` (float32, nn.Linear layout) with the
-NCASpec JSON, a format tag and a version in the metadata. Written atomically."""
+NCASpec JSON, a format tag and a version in the metadata (see :mod:`nca_fast.weights_file`)."""
 from __future__ import annotations
-
-import json
-import os
-import tempfile
-from pathlib import Path
 
 from ..model import NCA
 from ..spec import NCASpec
+from ..utils import weights_file
 from .common import make_nca
-from .errors import ModelFormatError, optional_import
+from .errors import ModelFormatError
 
 FORMAT_TAG = "nca_fast"
 FORMAT_VERSION = 1
@@ -27,41 +23,21 @@ def save(model: NCA, path) -> None:
     """Write ``model`` to ``path`` (safetensors). A crash leaves either the old file or the new one."""
     if not isinstance(model, NCA):
         raise TypeError(f"save expects an nca_fast.NCA, got {type(model).__name__}")
-    st = optional_import("safetensors.torch", "formats")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.params().items()}
     meta = {"format": FORMAT_TAG, "format_version": str(FORMAT_VERSION), "spec": model.spec.to_json()}
-    data = st.save(tensors, metadata=meta)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600 files
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    weights_file.write(path, model.params(), meta, "weight")
 
 
 def load(path, data: bytes) -> NCA:
-    st = optional_import("safetensors.torch", "formats")
-    try:
-        tensors = st.load(data)
-        n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    except Exception as e:  # noqa: BLE001  safetensors raises its own error type for corrupt input
-        raise ModelFormatError(path, f"corrupt or truncated safetensors file ({e})") from None
+    tensors, meta = weights_file.parse(path, data, ModelFormatError)
     if meta.get("format") != FORMAT_TAG:
         raise ModelFormatError(path, "safetensors file without nca_fast metadata (format tag "
-                                     f"{meta.get('format')!r}); save models with nca_fast.save")
+                                     f"{str(meta.get('format'))[:40]!r}); save models with nca_fast.save")
     version = meta.get("format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise ModelFormatError(path, f"format version {version!r} is not supported (this nca_fast "
+    if not isinstance(version, str) or not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise ModelFormatError(path, f"format version {str(version)[:20]!r} is not supported (this nca_fast "
                                      f"reads up to {FORMAT_VERSION}); upgrade nca_fast")
     try:
         spec = NCASpec.from_json(meta.get("spec", ""))
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ModelFormatError(path, f"invalid spec in the metadata ({e})") from None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise ModelFormatError(path, f"invalid spec in the metadata ({str(e)[:300]})") from None
     return make_nca(path, spec, tensors)

@@ -17,8 +17,9 @@ import torch
 
 from ..model import NCA
 from ..spec import texture_spec
+from ..utils.optional import optional_import
 from .common import channels_from, decode_b64, make_nca, make_spec
-from .errors import ModelFormatError, optional_import
+from .errors import ModelFormatError
 
 _N_FILTERS = 4  # identity, sobel_x, sobel_y, laplacian
 

@@ -13,32 +13,131 @@ Recognised by structure:
 """
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import re
-from typing import Dict, Mapping
+import zipfile
+from typing import Dict, Mapping, Optional
 
 import torch
 
 from ..model import NCA
 from ..spec import growing_spec
+from ..utils.files import MAX_MODEL_BYTES, read_input
 from .common import channels_from, interleaved_to_blocked, make_nca, make_spec, swap_blocks
 from .errors import ModelFormatError
 
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
+MAX_UNPACKED_BYTES = 4 * MAX_MODEL_BYTES  # what a zip archive may declare once unpacked
+MAX_PICKLE_DEPTH = 64  # containers inside containers (a state dict needs fewer than 10)
+_STRINGS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+            "BINUNICODE8"}
+_INTS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "NEWTRUE", "NEWFALSE"}
 
 
-def _read(path) -> Dict[str, torch.Tensor]:
+_MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}
+
+
+def _scan_pickle(f, path) -> None:
+    """Walk one pickle's opcodes (without running any) and refuse what ``torch.load`` would choke on
+    even under ``weights_only=True``: containers nested deeper than ``MAX_PICKLE_DEPTH`` (a shared,
+    deeply nested tuple used as a dict key costs 2**depth to hash) and dict keys that are not
+    strings or ints. Each stack item is a record [kind, depth], shared with the memo, so that a
+    container filled after it was memoised is seen at its final depth."""
+    stack: list = []
+    memo: dict = {}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        for op, arg, _ in pickletools.genops(f):
+            name = op.name
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else ["other", 0]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo.get(arg, ["other", 0]))
+                continue
+            if name == "MARK":
+                stack.append(["mark", 0])
+                continue
+            popped = []  # bottom to top
+            for before in reversed(op.stack_before):
+                if before is pickletools.markobject:
+                    items = []
+                    while stack and stack[-1][0] != "mark":
+                        items.append(stack.pop())
+                    if stack:
+                        stack.pop()
+                    popped = items[::-1] + popped
+                elif before is not pickletools.stackslice and stack:
+                    popped.insert(0, stack.pop())
+            if name in ("SETITEM", "SETITEMS", "DICT"):
+                for key in (popped if name == "DICT" else popped[1:])[0::2]:
+                    if key[0] not in ("str", "int"):
+                        raise ModelFormatError(path, "refused: a dict key that is not a string or an int "
+                                                     "(a state dict has string keys)")
+            if name in _MUTATORS and popped:
+                rec = popped[0]
+                rec[1] = max(rec[1], 1 + max((r[1] for r in popped[1:]), default=-1))
+            else:
+                kind = "str" if name in _STRINGS else "int" if name in _INTS else "other"
+                rec = [kind, 1 + max((r[1] for r in popped), default=-1)]
+            if rec[1] > MAX_PICKLE_DEPTH:
+                raise ModelFormatError(path, f"refused: containers nested more than {MAX_PICKLE_DEPTH} deep")
+            stack.extend([rec] * len(op.stack_after))
+    except ModelFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001  genops on garbage fails in many ways
+        raise ModelFormatError(path, f"not a readable PyTorch file (corrupt pickle: {str(e)[:200]})") from None
+
+
+def _check_archive(data: bytes, path) -> None:
+    """A zip checkpoint (torch.save's format): bounded once unpacked, its pickles scanned."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise ModelFormatError(path, f"not a readable PyTorch file (corrupt zip: {str(e)[:200]})") from None
+    unpacked = sum(i.file_size for i in infos)
+    if unpacked > MAX_UNPACKED_BYTES or len(infos) > 100_000:
+        raise ModelFormatError(path, f"refused: the archive declares {unpacked / 2**30:.1f} GiB in {len(infos)} "
+                                     f"entries once unpacked (at most {MAX_UNPACKED_BYTES / 2**30:.0f} GiB)")
+    for info in infos:
+        if info.filename.endswith(".pkl"):
+            try:
+                with zf.open(info) as f:
+                    _scan_pickle(io.BytesIO(f.read(info.file_size + 1)), path)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+                if isinstance(e, ModelFormatError):
+                    raise
+                raise ModelFormatError(path, f"not a readable PyTorch file ({str(e)[:200]})") from None
+
+
+def torch_load(path, data: Optional[bytes] = None):
+    """``torch.load(weights_only=True)`` of a bounded regular file (or its ``data``, already read),
+    after its pickles were scanned (:func:`_scan_pickle`); a pickle that needs code is refused.
+    Raises ModelFormatError."""
+    if data is None:
+        data = read_input(path, limit=MAX_MODEL_BYTES, what="model file", error=ModelFormatError)
+    if data[:2] == b"PK":
+        _check_archive(data, path)
+    else:  # the legacy format: magic number, protocol, sys info, the object, storage keys, raw data
+        f = io.BytesIO(data)
+        for _ in range(5):
+            if f.tell() >= len(data):
+                break
+            _scan_pickle(f, path)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]  # [0]: torch's preamble
-            why = " ".join(l for l in lines if not l.startswith(("Check the documentation", "Please file")))
-            raise ModelFormatError(path, "refused: the pickle needs code to run, which nca_fast never does "
-                                         f"(torch.load weights_only=True: {why})") from None
-        raise ModelFormatError(path, f"corrupt pickle ({e})") from None
+            raise ModelFormatError(path, "refused: the pickle needs code to run, which nca_fast never does") from None
+        raise ModelFormatError(path, "not a readable PyTorch file (corrupt pickle)") from None
     except Exception as e:  # noqa: BLE001  arbitrary bytes fail in many ways inside torch.load
-        raise ModelFormatError(path, f"not a readable PyTorch file ({type(e).__name__}: {e})") from None
+        raise ModelFormatError(path, f"not a readable PyTorch file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read(path, data: bytes) -> Dict[str, torch.Tensor]:
+    obj = torch_load(path, data)
     for key in _WRAPPERS:  # {"state_dict": {...}} checkpoints
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -74,8 +173,8 @@ def _conv_layout(path, sd):
             {k1, k2, bias(k1), bias(k2)})
 
 
-def load(path) -> NCA:
-    sd = _read(path)
+def load(path, data: bytes) -> NCA:
+    sd = _read(path, data)
     if "fc0.weight" in sd and "fc1.weight" in sd:
         weights, used = _fc_layout(path, sd)
     elif any(v.dim() == 4 for v in sd.values()):

@@ -1,5 +1,9 @@
-"""Triton kernels only. Each module's docstring states the bytes and FLOPs its kernels must move and
-compute; each exposes ``compile_configs()``: every configuration its dispatcher can pick (see compile.py).
+"""Everything that runs on a GPU, one job per file.
+
+Triton kernels (import only Triton; each docstring states the bytes and FLOPs its kernels move and
+compute): ``step.py`` (the fused step and finalize), ``decode.py`` (LPPN and pixel-shuffle decode),
+``pixel_shuffle.py`` (the head both share). Around them: ``config.py`` (constexprs, tile shapes, what
+can run), ``pack.py`` (weight layouts and their cache), ``launch.py`` (launchers), ``op.py`` (the
+``nca_fast::fused_step`` torch op), ``rollout.py`` (fused rollouts), ``catalogue.py`` (every
+configuration the dispatchers can pick) and ``compile.py`` (compiling them without a GPU).
 """
-# Modules whose compile_configs() `nca-fast kernels` compiles (a module not written yet is skipped).
-KERNEL_MODULES = ("nca_fast.kernels.step", "nca_fast.kernels.decode")

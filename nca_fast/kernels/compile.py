@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of kernel configurations for a GPU target, without a GPU.
 
-Each kernel module lists the configurations its dispatcher can pick as :class:`KernelConfig`s
-(``compile_configs()``); :func:`compile_config` builds one for ``sm_80`` or ``sm_90a`` through
+``catalogue.py`` lists the configurations the dispatchers can pick as :class:`KernelConfig`s;
+:func:`compile_config` builds one for ``sm_80`` or ``sm_90a`` through
 ``triton.compile`` and reads registers, spills and shared memory off the cubin, and which
 tensor-core instructions (HGMMA on Hopper, HMMA on Ampere) the SASS uses.
 
@@ -17,6 +17,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .config import interpreting
 
 TARGETS = {"sm_80": 80, "sm_90a": 90}
 # The most shared memory one block may use (opt-in maximum): A100 163 KB, H100/H200 227 KB. A kernel
@@ -41,8 +47,6 @@ class KernelConfig:
 
 
 def _tool(name: str) -> str:
-    import triton
-
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     if not os.path.exists(path):
         raise RuntimeError(f"{name} not found next to triton ({path}); is this triton built for CUDA?")
@@ -55,15 +59,10 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     Keys: ``registers``, ``spill_bytes`` (local memory + stack), ``shared_bytes``,
     ``tensor_core`` (e.g. ``"HGMMA.64x64x16.F32 x4"`` or ``"none"``), ``sass_ldl_stl``.
     """
-    from ..ops import interpreting
-
     if interpreting():
         raise RuntimeError("compile_config needs TRITON_INTERPRET unset (run in a separate process)")
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; known: {sorted(TARGETS)}")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     # Arguments left out take their defaults (as at a launch); ASTSource needs every one spelt out.
     signature, constexprs = dict(cfg.signature), dict(cfg.constexprs)
@@ -87,7 +86,7 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", cubin],
                               capture_output=True, text=True, check=True).stdout
-    field_ = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))  # noqa: E731
+    field_ = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))
     mma = re.findall(r"\b(HGMMA\.\S+|HMMA\.\S+)", sass)
     kinds = sorted(set(m.rstrip(";").split(" ")[0] for m in mma))
     tensor_core = ", ".join(f"{k} x{sum(1 for m in mma if m.startswith(k))}" for k in kinds) or "none"

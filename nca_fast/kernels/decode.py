@@ -6,15 +6,14 @@ SIREN is split: its state part is applied per *cell* by the launcher (``proj = x
 cells per pixel (padding circular/replicate, exact integer tap arithmetic), adds the
 local-coordinate part as fp32 rank-1 updates, then runs the sine layers and the linear output on
 tensor cores (``tl.dot`` on ``[BLOCK_P, HID]`` tiles) with a range-reduced polynomial sine.
-``pixel_shuffle_kernel``: one program = ``BLOCK_M`` cells x ``N_BLOCK`` head outputs; it applies the
-per-cell head and scatters output ``n = k*r*r + i*r + j`` to pixel ``(k, y*r + i, x*r + j)``
-(``F.pixel_shuffle`` order).
+``pixel_shuffle_kernel``: one program = a tile of cells through the head of ``pixel_shuffle.py``
+(the same code the step runs in its epilogue).
 
-Weights arrive packed by :mod:`nca_fast.ops_decode`: transposed to ``[in, out]``, zero-padded to the
-block sizes, SIREN frequencies folded in (``sin(omega*(W x + b)) = sin((omega W) x + omega b)``).
-Precision: ``DOT_FP16=False`` uses ``tf32x3`` dots (about fp32 accuracy) and writes fp32;
-``DOT_FP16=True`` uses fp16 operands (fp32 accumulation) and writes fp16. The LPPN's layer 0 is
-always exact fp32 (omega-scaled pre-activations are large: tensor-core rounding would show).
+Weights arrive packed by :mod:`nca_fast.kernels.pack`: transposed to ``[in, out]``, zero-padded to
+the block sizes, SIREN frequencies folded in (``sin(omega*(W x + b)) = sin((omega W) x + omega b)``).
+Precision: ``DOT_T`` / ``PREC`` from ``config.dot_types`` ("ieee": fp32 operands in three TF32
+passes, about fp32 accuracy; "fp16": fp16 operands), fp32 accumulation. The LPPN's layer 0 is always
+exact fp32 (omega-scaled pre-activations are large: tensor-core rounding would show).
 
 Traffic and work per output pixel (O = output element size, s = scale, h = padded width):
 * LPPN, C state channels, E = 2 or 4N coordinate features, L sine layers, K outputs: reads
@@ -32,11 +31,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pixel_shuffle import pixel_shuffle_out
+
 # Globals read inside kernels must be tl.constexpr; int(...) gives their Python value.
-C_BLOCK = tl.constexpr(16)  # pixel-shuffle state channels per tl.dot chunk (K >= 16)
 K_PAD = tl.constexpr(16)    # LPPN output columns (K <= 16: RGB, RGBA, 9-channel PBR, ...)
-HIDDEN_SIZES = (32, 64, 128)  # padded hidden widths the kernels are specialised for
-PS_N_BLOCK = 64  # pixel-shuffle head outputs per program
 
 
 @triton.jit
@@ -76,7 +74,7 @@ def _axis(idx, n_in, n_out, circular):
 @triton.jit
 def lppn_kernel(proj_ptr, out_ptr, w0_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
                 H, W, Ho, Wo, K, N_FREQ, N_HID_LAYERS, CIRCULAR,
-                HID: tl.constexpr, BLOCK_P: tl.constexpr, DOT_FP16: tl.constexpr):
+                HID: tl.constexpr, BLOCK_P: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """proj [B, H, W, HID] fp32 (layer 0 applied per cell) -> out [B, K, Ho, Wo].
     Grid (cdiv(Ho*Wo, BLOCK_P), B).
 
@@ -122,118 +120,32 @@ def lppn_kernel(proj_ptr, out_ptr, w0_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
     for layer in range(N_HID_LAYERS):
         wl = tl.load(wh_ptr + layer * HID * HID + hcol[:, None] * HID + hcol[None, :])
         bl = tl.load(bh_ptr + layer * HID + hcol)
-        if DOT_FP16:
-            pre = tl.dot(h.to(tl.float16), wl)
-        else:
-            pre = tl.dot(h, wl, input_precision="tf32x3")
+        pre = tl.dot(h.to(DOT_T), wl, input_precision=PREC)
         h = fast_sin(pre + bl[None, :])
 
     kcol = tl.arange(0, K_PAD)
     wo = tl.load(wo_ptr + hcol[:, None] * K_PAD + kcol[None, :])
-    if DOT_FP16:
-        o = tl.dot(h.to(tl.float16), wo)
-    else:
-        o = tl.dot(h, wo, input_precision="tf32x3")
+    o = tl.dot(h.to(DOT_T), wo, input_precision=PREC)
     o = o + tl.load(bo_ptr + kcol)[None, :]
     optr = out_ptr + b * K * Ho * Wo + kcol[None, :] * Ho * Wo + p[:, None]
     tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & (kcol < K)[None, :])
 
 
 @triton.jit
-def pixel_shuffle_kernel(x_ptr, out_ptr, w0_ptr, b0_ptr, w1_ptr, b1_ptr,
-                         C, H, W, K, R, N, N_PAD,
-                         HID: tl.constexpr, BLOCK_M: tl.constexpr, N_BLOCK: tl.constexpr,
-                         DOT_FP16: tl.constexpr):
-    """x [B, C, H, W] -> out [B, K, H*R, W*R]. Grid (cdiv(H*W, BLOCK_M), N_PAD // N_BLOCK, B).
-
-    HID == 0: linear head w0 [C16, N_PAD], b0 [N_PAD]. Else w0 [C16, HID], b0 [HID] (ReLU),
-    w1 [HID, N_PAD], b1 [N_PAD]. Head output n = k*R*R + i*R + j (F.pixel_shuffle order)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = m < H * W
-    n = pid_n * N_BLOCK + tl.arange(0, N_BLOCK)
-    cc = tl.arange(0, C_BLOCK)
-    xb = x_ptr + b * C * H * W
-    if HID == 0:
-        acc = tl.zeros((BLOCK_M, N_BLOCK), dtype=tl.float32)
-    else:
-        hcol = tl.arange(0, HID)
-        acc = tl.zeros((BLOCK_M, HID), dtype=tl.float32)
-    for c0 in range(0, C, C_BLOCK):
-        ch = c0 + cc
-        xs = tl.load(xb + ch[None, :].to(tl.int64) * H * W + m[:, None],
-                     mask=mmask[:, None] & (ch < C)[None, :], other=0.0)
-        if HID == 0:
-            w = tl.load(w0_ptr + ch[:, None] * N_PAD + n[None, :])
-        else:
-            w = tl.load(w0_ptr + ch[:, None] * HID + hcol[None, :])
-        if DOT_FP16:
-            acc = tl.dot(xs.to(tl.float16), w, acc)
-        else:
-            acc = tl.dot(xs.to(tl.float32), w, acc, input_precision="tf32x3")
-    if HID == 0:
-        o = acc + tl.load(b0_ptr + n)[None, :]
-    else:
-        hid = tl.maximum(acc + tl.load(b0_ptr + hcol)[None, :], 0.0)
-        w1 = tl.load(w1_ptr + hcol[:, None] * N_PAD + n[None, :])
-        if DOT_FP16:
-            o = tl.dot(hid.to(tl.float16), w1)
-        else:
-            o = tl.dot(hid, w1, input_precision="tf32x3")
-        o = o + tl.load(b1_ptr + n)[None, :]
-    rr = R * R
-    k = n // rr
-    i = (n % rr) // R
-    j = n % R
-    Wo = W * R
-    row = (m // W)[:, None] * R + i[None, :]
-    col = (m % W)[:, None] * R + j[None, :]
-    off = k[None, :].to(tl.int64) * H * R * Wo + row * Wo + col
-    tl.store(out_ptr + b * K * H * R * Wo + off, o.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & (n < N)[None, :])
-
-
-# ---- configurations the dispatcher (nca_fast.ops_decode) can pick --------------------------------
-def lppn_launch(hid: int) -> dict:
-    """BLOCK_P / num_warps for a padded hidden width (keeps the [BLOCK_P, HID] tiles in registers)."""
-    return {32: dict(BLOCK_P=128, num_warps=4, num_stages=2), 64: dict(BLOCK_P=128, num_warps=8, num_stages=2),
-            128: dict(BLOCK_P=64, num_warps=8, num_stages=1)}[hid]  # 2 stages: 256 KB of smem
-
-
-def pixel_shuffle_launch(hid: int) -> dict:
-    return dict(BLOCK_M=64, N_BLOCK=PS_N_BLOCK, num_warps=4, num_stages=2)
-
-
-def compile_configs():
-    """Every configuration the dispatcher can pick: padded hidden width x precision, per kernel."""
-    from .compile import KernelConfig
-
-    cfgs = []
-    for hid in HIDDEN_SIZES:
-        launch = lppn_launch(hid)
-        for fp16 in (False, True):
-            wdt = "*fp16" if fp16 else "*fp32"
-            sig = {"proj_ptr": "*fp32", "out_ptr": wdt, "w0_ptr": "*fp32",
-                   "wh_ptr": wdt, "bh_ptr": "*fp32", "wo_ptr": wdt, "bo_ptr": "*fp32",
-                   "H": "i32", "W": "i32", "Ho": "i32", "Wo": "i32", "K": "i32",
-                   "N_FREQ": "i32", "N_HID_LAYERS": "i32", "CIRCULAR": "i32",
-                   "HID": "constexpr", "BLOCK_P": "constexpr", "DOT_FP16": "constexpr"}
-            cfgs.append(KernelConfig(
-                f"lppn_h{hid}_{'fp16' if fp16 else 'fp32'}", lppn_kernel, sig,
-                dict(HID=hid, BLOCK_P=launch["BLOCK_P"], DOT_FP16=fp16),
-                num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
-    for hid in (0,) + HIDDEN_SIZES:
-        launch = pixel_shuffle_launch(hid)
-        for fp16 in (False, True):
-            wdt = "*fp16" if fp16 else "*fp32"
-            sig = {"x_ptr": "*fp32", "out_ptr": wdt, "w0_ptr": wdt, "b0_ptr": "*fp32",
-                   "w1_ptr": wdt, "b1_ptr": "*fp32", "C": "i32", "H": "i32", "W": "i32",
-                   "K": "i32", "R": "i32", "N": "i32", "N_PAD": "i32", "HID": "constexpr",
-                   "BLOCK_M": "constexpr", "N_BLOCK": "constexpr", "DOT_FP16": "constexpr"}
-            cfgs.append(KernelConfig(
-                f"pixel_shuffle_h{hid}_{'fp16' if fp16 else 'fp32'}", pixel_shuffle_kernel,
-                sig, dict(HID=hid, BLOCK_M=launch["BLOCK_M"], N_BLOCK=launch["N_BLOCK"],
-                          DOT_FP16=fp16), num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
-    return cfgs
+def pixel_shuffle_kernel(x, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_image,
+                         C: tl.constexpr, CP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                         R: tl.constexpr, K: tl.constexpr, N: tl.constexpr, DH: tl.constexpr,
+                         NPAD: tl.constexpr, NB: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+    """x [B, C, H, W] -> img [B, K, H*R, W*R]: one program per ``BH x BW`` tile of cells (grid
+    ``B * tiles_per_image``), the head of ``pixel_shuffle.py`` applied to the tile."""
+    t = tl.program_id(0)
+    b = t // tiles_per_image
+    r = t % tiles_per_image
+    m = tl.arange(0, BH * BW)
+    i = (r // n_tiles_w) * BH + m // BW
+    j = (r % n_tiles_w) * BW + m % BW
+    valid = (i < H) & (j < W)
+    chan = tl.arange(0, CP)
+    xs = tl.load(x + (b * C + chan[None, :]).to(tl.int64) * H * W + (i * W + j)[:, None],
+                 mask=valid[:, None] & (chan[None, :] < C), other=0.0).to(tl.float32)
+    pixel_shuffle_out(xs, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB, DOT_T, PREC)

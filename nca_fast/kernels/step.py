@@ -29,12 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-def dot_types(dot: int):
-    """(operand dtype, fp32 input precision) of the MLP dots for a DOT code: 0 = fp32 operands in
-    TF32, 1 = fp32 operands in full IEEE fp32, 2 = fp16, 3 = bf16 (fp32 accumulation always)."""
-    return {0: (tl.float32, "tf32"), 1: (tl.float32, "ieee"), 2: (tl.float16, "tf32"),
-            3: (tl.bfloat16, "tf32")}[dot]
+from .pixel_shuffle import pixel_shuffle_out
 
 
 @triton.jit
@@ -71,36 +66,38 @@ def _inside(i, j, H, W):
 
 
 @triton.jit
-def _keep(src, pre, i, j, H, W, HW, ALPHA: tl.constexpr, threshold, PAD: tl.constexpr):
-    """Pending form -> alive decision of in-grid cells (i, j): pre & (maxpool3x3(y_alpha) > thr)."""
+def _keep(src, pre, i, j, H, W, HW, ALPHA: tl.constexpr, threshold, APAD: tl.constexpr):
+    """Pending form -> alive decision of in-grid cells (i, j): pre & (maxpool3x3(y_alpha) > thr),
+    the pool padded by APAD (0: outside cells ignored, 1: circular, 2: replicate)."""
     post = tl.full(i.shape, float("-inf"), tl.float32)
     for m in tl.static_range(9):
         mi = i + (m // 3 - 1)
         mj = j + (m % 3 - 1)
-        a = tl.load(src + ALPHA * HW + _wrap(mi, H, PAD) * W + _wrap(mj, W, PAD),
-                    mask=_inside(mi, mj, H, W) | (PAD != 0), other=float("-inf"))
+        a = tl.load(src + ALPHA * HW + _wrap(mi, H, APAD) * W + _wrap(mj, W, APAD),
+                    mask=_inside(mi, mj, H, W) | (APAD != 0), other=float("-inf"))
         post = tl.maximum(post, a.to(tl.float32))
     return (post > threshold) & (tl.load(pre + i * W + j) != 0)
 
 
 @triton.jit
-def _alpha_window(src, i, j, H, W, HW, ALPHA: tl.constexpr, PAD: tl.constexpr):
+def _alpha_window(src, i, j, H, W, HW, ALPHA: tl.constexpr, APAD: tl.constexpr):
     """The stored alpha on the 5x5 window around each cell, ``[M, 32]`` (entry 5*r + c is the
     offset (r-2, c-2); -inf outside the grid under zero padding and in the 7 padding columns).
     One gather instead of 9 per neighbour: every neighbour's 3x3 pool is a sub-window of it."""
     w = tl.arange(0, 32)
     wi = i[:, None] + (w[None, :] // 5 - 2)
     wj = j[:, None] + (w[None, :] % 5 - 2)
-    ok = (_inside(wi, wj, H, W) | (PAD != 0)) & (w[None, :] < 25)
-    a = tl.load(src + ALPHA * HW + _wrap(wi, H, PAD) * W + _wrap(wj, W, PAD), mask=ok, other=float("-inf"))
+    ok = (_inside(wi, wj, H, W) | (APAD != 0)) & (w[None, :] < 25)
+    a = tl.load(src + ALPHA * HW + _wrap(wi, H, APAD) * W + _wrap(wj, W, APAD), mask=ok, other=float("-inf"))
     return a.to(tl.float32)
 
 
 @triton.jit
 def _keep_in_window(window, pre, ii, jj, W, k: tl.constexpr, threshold):
     """Alive decision of neighbour k (offset (k//3-1, k%3-1)), at in-grid cells (ii, jj), from the
-    5x5 window: its 3x3 pool is window rows k//3 .. k//3+2, columns k%3 .. k%3+2. Exact for zero and
-    circular padding (a replicate-padded neighbour pools around its clamped position: see _keep)."""
+    5x5 window: its 3x3 pool is window rows k//3 .. k//3+2, columns k%3 .. k%3+2. Exact when the
+    perception and the alive pool pad alike, zero or circular (a replicate-padded neighbour pools
+    around its clamped position, a wrapped one around its wrapped position: see _keep)."""
     w = tl.arange(0, 32)
     r = w // 5 - k // 3
     c = w % 5 - k % 3
@@ -111,7 +108,7 @@ def _keep_in_window(window, pre, ii, jj, W, k: tl.constexpr, threshold):
 
 @triton.jit
 def _load_state(src, pre, i, j, chan, H, W, HW, threshold, C: tl.constexpr, ALPHA: tl.constexpr,
-                PAD: tl.constexpr, PENDING: tl.constexpr):
+                PAD: tl.constexpr, APAD: tl.constexpr, PENDING: tl.constexpr):
     """The true state at cells (i, j) (any coordinates; padding applied), fp32 ``[M, CP]``."""
     ii = _wrap(i, H, PAD)
     jj = _wrap(j, W, PAD)
@@ -119,7 +116,7 @@ def _load_state(src, pre, i, j, chan, H, W, HW, threshold, C: tl.constexpr, ALPH
     x = tl.load(src + chan[None, :] * HW + (ii * W + jj)[:, None],
                 mask=ok[:, None] & (chan[None, :] < C), other=0.0).to(tl.float32)
     if PENDING:
-        x = x * _keep(src, pre, ii, jj, H, W, HW, ALPHA, threshold, PAD).to(tl.float32)[:, None]
+        x = x * _keep(src, pre, ii, jj, H, W, HW, ALPHA, threshold, APAD).to(tl.float32)[:, None]
     return x
 
 
@@ -134,36 +131,6 @@ def _layer1(p, w1, f: tl.constexpr, acc, chan, hid, CP: tl.constexpr, HP: tl.con
 
 
 @triton.jit
-def _pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
-                       CP: tl.constexpr, R: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-                       DH: tl.constexpr, NPAD: tl.constexpr, NB: tl.constexpr, DOT_T: tl.constexpr,
-                       PREC: tl.constexpr):
-    """Decode the true state tile ``t [M, CP]`` into its ``R x R`` pixel blocks of ``img
-    [B, K, H*R, W*R]`` while it is still in registers (the frame costs K*R*R stores per cell and no
-    state re-read). Head: ``DH > 0``: relu(t @ dw0 [CP, DH] + db0) @ dw1 [DH, NPAD] + db1, else
-    t @ dw1 [CP, NPAD] + db1; output n = k*R*R + ii*R + jj (F.pixel_shuffle order), NB per dot."""
-    chan = tl.arange(0, CP)
-    if DH > 0:
-        hcol = tl.arange(0, DH)
-        hdec = tl.dot(t.to(DOT_T), tl.load(dw0 + chan[:, None] * DH + hcol[None, :]), input_precision=PREC)
-        hdec = tl.maximum(hdec + tl.load(db0 + hcol)[None, :], 0.0).to(DOT_T)
-    Wo = W * R
-    for n0 in tl.static_range(0, NPAD, NB):
-        n = n0 + tl.arange(0, NB)
-        if DH > 0:
-            o = tl.dot(hdec, tl.load(dw1 + hcol[:, None] * NPAD + n[None, :]), input_precision=PREC)
-        else:
-            o = tl.dot(t.to(DOT_T), tl.load(dw1 + chan[:, None] * NPAD + n[None, :]), input_precision=PREC)
-        o += tl.load(db1 + n)[None, :]
-        k = n // (R * R)
-        ii = (n % (R * R)) // R
-        jj = n % R
-        off = (b * K + k[None, :]).to(tl.int64) * H * R * Wo + (i[:, None] * R + ii[None, :]) * Wo \
-            + j[:, None] * R + jj[None, :]
-        tl.store(img + off, o.to(img.dtype.element_ty), mask=valid[:, None] & (n < N)[None, :])
-
-
-@triton.jit
 def nca_step_kernel(
     src, src_pre, dst, dst_pre, fire_mask, ctr,  # state in/out [B, C, H, W]; masks u8 [B, H, W]
     w1, b1, w2, b2,  # packed: w1 [F, CP, HP], b1 [HP] fp32, w2 [HP, CP], b2 [CP] fp32
@@ -173,7 +140,7 @@ def nca_step_kernel(
     p_lo, p_hi, h_lo, h_hi, u_lo, u_hi, s_lo, s_hi,
     C: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, F: tl.constexpr, NG: tl.constexpr,
     TAPS: tl.constexpr, LOADS: tl.constexpr,
-    PAD: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr, PENDING: tl.constexpr,
+    PAD: tl.constexpr, APAD: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr, PENDING: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     P_CLAMP: tl.constexpr, H_CLAMP: tl.constexpr, U_CLAMP: tl.constexpr, S_CLAMP: tl.constexpr,
     DOT_T: tl.constexpr, PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
@@ -184,8 +151,9 @@ def nca_step_kernel(
 
     ``ctr`` (int64 [2] on the device) holds the seed and the base step, so that a captured CUDA graph
     replays with new values; ``step_offset`` is this launch's step relative to the base.
-    DOT_T / PREC: the MLP's dot operand dtype and fp32 input precision (see ``dot_types``).
-    PAD: 0 = zeros, 1 = circular, 2 = replicate. TAPS / LOADS: see ``nca_fast.ops.StepConfig``.
+    DOT_T / PREC: the MLP's dot operand dtype and input precision (``config.dot_types``).
+    PAD: 0 = zeros, 1 = circular, 2 = replicate; APAD (the alive pool's): 0 = outside cells ignored,
+    1 = circular, 2 = replicate. TAPS / LOADS: see ``config.StepConfig``.
     """
     M: tl.constexpr = BH * BW
     HW = H * W
@@ -209,8 +177,8 @@ def nca_step_kernel(
         acc = tl.zeros((M, HP), tl.float32)
         pool = tl.full((M,), float("-inf"), tl.float32)
         if PENDING:
-            if PAD != 2:
-                window = _alpha_window(x_in, i, j, H, W, HW, ALPHA, PAD)
+            if PAD == APAD and PAD != 2:
+                window = _alpha_window(x_in, i, j, H, W, HW, ALPHA, APAD)
         for g in tl.static_range(NG):
             p0 = tl.zeros((M, CP), tl.float32)
             p1 = tl.zeros((M, CP), tl.float32)
@@ -224,10 +192,10 @@ def nca_step_kernel(
                     jj = _wrap(nj, W, PAD)
                     ok = _inside(ni, nj, H, W) | (PAD != 0)
                     if PENDING:
-                        if PAD == 2:
-                            keep = _keep(x_in, pre_in, ii, jj, H, W, HW, ALPHA, threshold, PAD)
-                        else:
+                        if PAD == APAD and PAD != 2:
                             keep = _keep_in_window(window, pre_in, ii, jj, W, k, threshold)
+                        else:
+                            keep = _keep(x_in, pre_in, ii, jj, H, W, HW, ALPHA, threshold, APAD)
                         keep = keep.to(tl.float32)
                     if LOADS[g * 9 + k] != 2:
                         xk = tl.load(x_in + chan[None, :] * HW + (ii * W + jj)[:, None],
@@ -244,10 +212,18 @@ def nca_step_kernel(
                             p3 += TAPS[(4 * g + 3) * 9 + k] * xk
                     if ALIVE:
                         if g == 0:  # alive(x) before the update: 3x3 max of the true alpha
-                            a = tl.load(x_in + ALPHA * HW + ii * W + jj, mask=ok,
+                            if PAD == APAD:
+                                ai, aj, aok = ii, jj, ok
+                            else:
+                                ai, aj = _wrap(ni, H, APAD), _wrap(nj, W, APAD)
+                                aok = _inside(ni, nj, H, W) | (APAD != 0)
+                            a = tl.load(x_in + ALPHA * HW + ai * W + aj, mask=aok,
                                         other=float("-inf")).to(tl.float32)
                             if PENDING:  # (where first: -inf * 0 would be NaN outside the grid)
-                                a = tl.where(ok, tl.where(ok, a, 0.0) * keep, a)
+                                if PAD != APAD:
+                                    keep = _keep(x_in, pre_in, ai, aj, H, W, HW, ALPHA, threshold,
+                                                 APAD).to(tl.float32)
+                                a = tl.where(aok, tl.where(aok, a, 0.0) * keep, a)
                             pool = tl.maximum(pool, a)
             acc = _layer1(p0, w1, 4 * g, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
             if 4 * g + 1 < F:
@@ -281,10 +257,10 @@ def nca_step_kernel(
         x = tl.load(x_in + chan[None, :] * HW + (i * W + j)[:, None], mask=chan[None, :] < C,
                     other=0.0).to(tl.float32)
         if PENDING:
-            if PAD == 2:
-                keep = _keep(x_in, pre_in, i, j, H, W, HW, ALPHA, threshold, PAD)
-            else:
+            if PAD == APAD and PAD != 2:
                 keep = _keep_in_window(window, pre_in, i, j, W, 4, threshold)
+            else:
+                keep = _keep(x_in, pre_in, i, j, H, W, HW, ALPHA, threshold, APAD)
             x = x * keep.to(tl.float32)[:, None]
         y = x + tl.where(fire[:, None], dx * step_size, 0.0)
         if S_CLAMP:
@@ -292,7 +268,7 @@ def nca_step_kernel(
         out = (chan[None, :] * HW + (i * W + j)[:, None])
         tl.store(dst + image + out, y.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
         if DECODE:  # only for models without alive masks: y is the true state (else see finalize)
-            _pixel_shuffle_out(y, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
+            pixel_shuffle_out(y, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
                                DOT_T, PREC)
         if ALIVE:
             tl.store(dst_pre + b.to(tl.int64) * HW + i * W + j, (pool > threshold).to(tl.uint8), mask=valid)
@@ -302,6 +278,7 @@ def nca_step_kernel(
 def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_image,
                         n_tiles, tiles_per_program, threshold,
                         C: tl.constexpr, CP: tl.constexpr, ALPHA: tl.constexpr, PAD: tl.constexpr,
+                        APAD: tl.constexpr,
                         BH: tl.constexpr, BW: tl.constexpr,
                         DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3,
                         N: tl.constexpr = 3, DH: tl.constexpr = 0, NPAD: tl.constexpr = 16,
@@ -316,81 +293,9 @@ def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tile
         b, i, j, valid = _tile(it, n_tiles, tiles_per_image, n_tiles_w, H, W, BH, BW)
         image = b.to(tl.int64) * C * HW
         x = _load_state(src + image, src_pre + b.to(tl.int64) * HW, i, j, chan, H, W, HW, threshold,
-                        C, ALPHA, PAD, True)
+                        C, ALPHA, PAD, APAD, True)
         out = chan[None, :] * HW + (i * W + j)[:, None]
         tl.store(dst + image + out, x.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
         if DECODE:
-            _pixel_shuffle_out(x, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
+            pixel_shuffle_out(x, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
                                DOT_T, PREC)
-
-
-# ---- every configuration the dispatcher (nca_fast.ops.step_config) can pick ----------------------
-_SCALARS_I32 = ("H", "W", "n_tiles_w", "tiles_per_image", "n_tiles", "tiles_per_program", "step_offset",
-                "row0", "col0", "batch0", "fire_threshold")
-_SCALARS_F32 = ("threshold", "step_size", "p_lo", "p_hi", "h_lo", "h_hi", "u_lo", "u_hi", "s_lo", "s_hi")
-_PTR = {2: "*fp16", 3: "*bf16"}
-
-
-def compile_configs():
-    """KernelConfigs covering every tile shape / warp count (``ops.tile_shape``) times every MLP
-    precision, in their most demanding variant (pending alive form, all clamps), plus finalize, and
-    the pixel-shuffle epilogue (linear and hidden heads, in the step and in finalize)."""
-    from ..decoders.spec import pixel_shuffle_spec
-    from ..ops import decode_epilogue, step_config
-    from ..spec import NCASpec, growing_spec, texture_spec
-    from .compile import KernelConfig
-
-    import torch
-
-    dtypes = {"tf32": (torch.float32, "tf32"), "ieee": (torch.float32, "ieee"),
-              "fp16": (torch.float16, "tf32"), "bf16": (torch.bfloat16, "tf32")}
-    specs = {  # one spec per tile_shape branch (CP, HP) -> (BH, BW, warps)
-        "growing-16x128": growing_spec(),
-        "texture-12x96": texture_spec(),
-        "min-4x16": NCASpec(channels=4, hidden=16, padding="replicate"),
-        "mid-32x64": texture_spec(channels=32, hidden=64),
-        "max-64x256": growing_spec(channels=64, hidden=256, padding="circular",
-                                   perception_clamp=(-2, 2), update_clamp=(-1, 1), state_clamp=(-3, 3)),
-    }
-    decoders = {"": None, "+ps8": (8, 0), "+ps4h32": (4, 32)}  # pixel-shuffle epilogues (scale, hidden)
-
-    def pointers(ptr, names):
-        return {n: ("*u8" if n.endswith("pre") or n == "fire_mask" else "*i64" if n == "ctr" else
-                    "*fp32" if n in ("b1", "b2", "db0", "db1") else ptr) for n in names}
-
-    configs = []
-    for sname, spec in specs.items():
-        for dname, (dtype, mm) in dtypes.items():
-            cfg = step_config(spec, dtype, mm)
-            ptr = _PTR.get(cfg.DOT, "*fp32")
-            for dec_name, dec in decoders.items():
-                if dec and (sname not in ("growing-16x128", "texture-12x96") or dname == "ieee"):
-                    continue  # epilogues: on the published architectures, every tensor-core dtype
-                ce_dec = {}
-                if dec:
-                    d = pixel_shuffle_spec(spec.channels, scale=dec[0], hidden=dec[1])
-                    from ..decoders import build_decoder
-                    fd = decode_epilogue(build_decoder(d), cfg, (1, spec.channels, 1, 1), dtype, "cpu")
-                    ce_dec = fd.constexprs()
-                if not cfg.ALIVE or not dec:  # alive models decode in finalize
-                    sig = pointers(ptr, ("src", "src_pre", "dst", "dst_pre", "fire_mask", "ctr", "w1", "b1",
-                                         "w2", "b2", "img", "dw0", "db0", "dw1", "db1"))
-                    sig.update({n: "i32" for n in _SCALARS_I32})
-                    sig.update({n: "fp32" for n in _SCALARS_F32})
-                    ce = {**cfg.constexprs(pending=True, has_mask=False), **ce_dec}
-                    sig.update({n: "constexpr" for n in ce})
-                    configs.append(KernelConfig(f"step/{sname}/{dname}{dec_name}", nca_step_kernel, sig, ce,
-                                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                                note=f"tile {cfg.BH}x{cfg.BW}"))
-                if cfg.ALIVE and dname != "ieee":  # finalize: only the pointer type varies by dtype
-                    fsig = pointers(ptr, ("src", "src_pre", "dst", "img", "dw0", "db0", "dw1", "db1"))
-                    fsig.update({"H": "i32", "W": "i32", "n_tiles_w": "i32", "tiles_per_image": "i32",
-                                 "n_tiles": "i32", "tiles_per_program": "i32", "threshold": "fp32"})
-                    fce = dict(C=cfg.C, CP=cfg.CP, ALPHA=cfg.ALPHA, PAD=cfg.PAD, BH=cfg.BH, BW=cfg.BW,
-                               **dict(zip(("DOT_T", "PREC"), dot_types(cfg.DOT))), **ce_dec)
-                    fsig.update({n: "constexpr" for n in fce})
-                    configs.append(KernelConfig(f"finalize/{sname}/{dname}{dec_name}", nca_finalize_kernel,
-                                                fsig, fce, num_warps=cfg.num_warps if dec else 4,
-                                                num_stages=cfg.num_stages,
-                                                note=f"tile {cfg.BH}x{cfg.BW}"))
-    return configs

@@ -1,0 +1,73 @@
+"""Which path runs a step or a decode: one rule for both, logged once per choice.
+
+``"reference"``: the plain-PyTorch specification (any device, differentiable).
+``"cpu"``: the CPU fast path (a state on the CPU; for decoders the reference, their only CPU path).
+``"triton"``: the fused kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), forward only.
+``"auto"``: the reference when autograd has to record the call; else the fused kernels on CUDA (the
+reference, with a warning, where they cannot run) and the CPU fast path on a CPU where it is faster.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+log = logging.getLogger("nca_fast")
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+_logged: set = set()
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def choose(backend: str, x: torch.Tensor, *, fused_problem: str, cpu_path: bool, cpu_preferred: bool,
+           needs_grad: bool, what: str = "step") -> str:
+    """The path for ``backend`` on state ``x``: ``"reference"``, ``"cpu"`` or ``"triton"``.
+
+    ``fused_problem``: why the fused kernels cannot run here ('' when they can); ``cpu_path``: a CPU
+    fast path exists for this call; ``cpu_preferred``: ``"auto"`` should take it (it beats the
+    reference here); ``needs_grad``: autograd records the call.
+    """
+    check_backend(backend)
+    if backend == "reference":
+        return backend
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on a CPU; the state is on {x.device}")
+        if needs_grad or not cpu_path:
+            why = "autograd records it" if needs_grad else "the reference is the CPU path here"
+            return _logged_choice(backend, "reference", why, what)
+        return "cpu"
+    if backend == "triton":
+        if fused_problem:
+            raise RuntimeError(f"backend='triton' cannot run here: {fused_problem}")
+        if needs_grad:
+            raise RuntimeError(f"backend='triton' has no backward: this {what} needs gradients; use "
+                               "backend='reference' (or 'auto'), or torch.no_grad() for inference")
+        return "triton"
+    if needs_grad:
+        return _logged_choice(backend, "reference", "autograd records it; the fused and CPU paths have "
+                                                    "no backward", what)
+    if x.device.type == "cuda":
+        if fused_problem:
+            if not torch.compiler.is_compiling():
+                warnings.warn(f"nca_fast: {what} falls back to the reference path: {fused_problem}",
+                              RuntimeWarning, stacklevel=3)
+            return _logged_choice(backend, "reference", fused_problem, what)
+        return _logged_choice(backend, "triton", "state on cuda", what)
+    if x.device.type == "cpu" and cpu_path and cpu_preferred:
+        return _logged_choice(backend, "cpu", f"state on cpu, {x.dtype}", what)
+    return _logged_choice(backend, "reference", f"state on {x.device.type}, {x.dtype}", what)
+
+
+def _logged_choice(backend: str, choice: str, why: str, what: str) -> str:
+    key = (what, backend, choice, why)
+    if key not in _logged and not torch.compiler.is_compiling():
+        _logged.add(key)
+        log.info("nca_fast %s backend=%r chose %s (%s)", what, backend, choice, why)
+    return choice
