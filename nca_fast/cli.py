@@ -25,8 +25,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        print(f"nca-fast {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"nca-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, ImportError, MemoryError, FloatingPointError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__  # one line
+        print(f"nca-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -6,7 +6,6 @@ a temporary file that replaces the output only once complete (:func:`nca_fast.fi
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -39,8 +38,10 @@ def check_output(path) -> str:
 
 
 def check_fps(fps: float) -> float:
-    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and MIN_FPS <= fps <= MAX_FPS):
-        raise ValueError(f"fps must be a number in [{MIN_FPS:g}, {MAX_FPS:g}], got {fps!r}")
+    if not (isinstance(fps, (int, float)) and fps > 0):
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    if not MIN_FPS <= fps <= MAX_FPS:
+        raise ValueError(f"fps must be in [{MIN_FPS:g}, {MAX_FPS:g}] frames per second, got {fps!r}")
     return float(fps)
 
 
@@ -58,7 +59,9 @@ def load_image(path) -> torch.Tensor:
                 im = im.convert("RGBA" if has_alpha else "RGB")
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
                 t = data.view(im.height, im.width, len(im.getbands()))
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            raise InputFileError(path, f"image too large ({str(e)[:200]})") from None
+        except (OSError, SyntaxError, ValueError) as e:
             if isinstance(e, InputFileError):
                 raise
             raise InputFileError(path, f"not a readable image ({type(e).__name__}: {str(e)[:200]})") from None

@@ -16,7 +16,7 @@ from .kernels.pack import PackedHead, cached, pack_pixel_shuffle, pack_step
 from .kernels.rollout import FusedRollout, fused_stream
 from .precision import check_fp32_precision, state_precision
 from .spec import NCASpec
-from .utils.checks import check_int, check_state, register_weights
+from .utils.checks import check_int, check_memory, check_state, register_weights
 
 BACKENDS = backends.BACKENDS
 
@@ -31,6 +31,10 @@ class NCA(nn.Module):
 
     #: MLP precision of the fused kernels for float32 states: "tf32" (tensor cores) or "ieee" (full fp32).
     fp32_matmul: str = "tf32"
+    #: Raise FloatingPointError when a state given to or produced by step / frames / rollout has a NaN or
+    #: an inf (each check reads the whole state). Otherwise NaN and inf spread as the published models'
+    #: arithmetic spreads them, on every backend: to a cell's 3x3 neighbourhood each step.
+    check_finite: bool = False
 
     def __init__(self, spec: NCASpec, weights: Optional[Mapping[str, torch.Tensor]] = None, *,
                  init_seed: int = 0):
@@ -89,7 +93,10 @@ class NCA(nn.Module):
         for what, v in (("batch", batch), ("height", height), ("width", width)):
             check_int(what, v, 1)
         device = self.w1.device if device is None else device
-        x = torch.zeros(batch, self.spec.channels, height, width, device=device, dtype=dtype)
+        C, elt = self.spec.channels, torch.empty((), dtype=dtype).element_size()
+        what = f"a {batch}x{C}x{height}x{width} {str(dtype).replace('torch.', '')} state"
+        check_memory(batch * C * height * width * elt, device, what, per_cell=batch * C * elt)
+        x = torch.zeros(batch, C, height, width, device=device, dtype=dtype)
         if self.spec.seed_kind == "center":
             first = 3 if self.spec.alive_channel is None else self.spec.alive_channel
             x[:, first:, height // 2, width // 2] = 1.0
@@ -130,11 +137,15 @@ class NCA(nn.Module):
         fire_rate = self._check_step_args(x, seed, step, update_mask, fire_rate, origin)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         backend = self._choose(backend, x, needs_grad)
+        self._check_finite(x, "the input state")
         if backend == "triton":
-            return kop.fused_step(self.spec, self.packed_weights(x.dtype), x, seed=seed, step=step,
-                                  update_mask=update_mask, fire_rate=fire_rate, origin=origin,
-                                  precision=self.precision(x.dtype))
-        return self._reference_step(x, seed, step, update_mask, fire_rate, origin, backend)
+            y = kop.fused_step(self.spec, self.packed_weights(x.dtype), x, seed=seed, step=step,
+                               update_mask=update_mask, fire_rate=fire_rate, origin=origin,
+                               precision=self.precision(x.dtype))
+        else:
+            y = self._reference_step(x, seed, step, update_mask, fire_rate, origin, backend)
+        self._check_finite(y, f"the state after step {step}")
+        return y
 
     def _reference_step(self, x, seed, step, update_mask, fire_rate, origin, backend="reference",
                         out=None):
@@ -166,6 +177,11 @@ class NCA(nn.Module):
         if start_step + steps > 2**32:
             raise ValueError(f"step counters start_step + steps = {start_step + steps} exceed 2**32")
         backend = self._choose(backend, x, needs_grad=False)
+        B, C, H, W = x.shape
+        check_memory(B * H * W * self.rollout_bytes_per_cell(x.dtype, backend), x.device,
+                     f"a rollout of {B}x{C}x{H}x{W} {str(x.dtype).replace('torch.', '')} states on the {backend} path",
+                     per_cell=B * self.rollout_bytes_per_cell(x.dtype, backend))
+        self._check_finite(x, "the input state")
         return self._frames(x, steps, seed, start_step, every, origin, backend)
 
     @torch.no_grad()
@@ -173,6 +189,7 @@ class NCA(nn.Module):
         if backend == "triton":
             r = self.fused_rollout(x.shape, x.dtype, steps, origin=origin)
             for k, state, _ in fused_stream(r, x, seed=seed, start_step=start_step, every=every):
+                self._check_finite(state, f"the state after step {start_step + k - 1}")
                 yield k, state
             return
         spare = None  # the CPU fast path ping-pongs two buffers of ours (never the caller's x)
@@ -181,7 +198,19 @@ class NCA(nn.Module):
                                      backend, out=spare if backend == "cpu" else None)
             spare, x = (x if k > 0 else None), y
             if (k + 1) % every == 0:
+                self._check_finite(x, f"the state after step {start_step + k}")
                 yield k + 1, x
+
+    def rollout_bytes_per_cell(self, dtype: torch.dtype, backend: str) -> int:
+        """Memory a rollout step needs per grid cell beyond its input state: the fused path holds
+        three states and two mask bytes, the CPU path three states, the reference its intermediates
+        (perception, hidden, update) in float32 (float64 for a float64 state)."""
+        s = self.spec
+        state = s.channels * torch.empty((), dtype=dtype).element_size()
+        if backend in ("triton", "cpu"):
+            return 3 * state + 2
+        compute = 8 if dtype == torch.float64 else 4
+        return state + compute * (2 * s.perception_size + 2 * s.hidden + 4 * s.channels) + 1
 
     @torch.no_grad()
     def rollout(self, x: torch.Tensor, steps: int, *, seed: int = 0, start_step: int = 0,
@@ -205,6 +234,13 @@ class NCA(nn.Module):
     # ---- checks and dispatch ------------------------------------------------------------------
     def _check_state(self, x):
         check_state(x, self.spec.channels, self.w1.device, "model")
+
+    def _check_finite(self, x: torch.Tensor, what: str) -> None:
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+            n = int((~torch.isfinite(x)).sum())
+            raise FloatingPointError(f"{what} has {n} non-finite values (the first at batch {bad[0]}, "
+                                     f"channel {bad[1]}, row {bad[2]}, column {bad[3]})")
 
     def _check_step_args(self, x, seed, step, update_mask, fire_rate, origin) -> float:
         rng.check_seed(seed)

@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from .utils.checks import check_int, check_memory
+
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUND_A = 0xD2511F53
@@ -74,6 +76,9 @@ def update_mask(batch: int, height: int, width: int, *, seed: int, step: int, fi
     check_seed(seed)
     threshold = fire_threshold(fire_rate)
     dev = torch.device("cpu") if device is None else torch.device(device)
+    for what, v in (("batch", batch), ("height", height), ("width", width)):
+        check_int(what, v, 1)
+    check_memory(batch * height * width, dev, f"a {batch}x{height}x{width} update mask", per_cell=batch)
     out = torch.empty(batch, 1, height, width, dtype=torch.bool, device=dev)
     # Bands run over the rows of all images at once ([B*H, W]), so a batch of small grids costs a
     # few bands, not a band per image.

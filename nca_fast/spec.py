@@ -22,6 +22,9 @@ Range = Optional[Tuple[float, float]]
 
 PADDINGS = ("zeros", "circular", "replicate")
 ALIVE_PADDINGS = ("ignore", "circular", "replicate")
+# Bounds on the sizes a spec may declare, so that a hostile file cannot make nca_fast allocate
+# without limit; published models are far inside them (16 channels, hidden 128, 3-4 filters).
+LIMITS = {"channels": 4096, "hidden": 65536, "filters": 64}
 ACTIVATIONS = ("relu",)
 RENDERS = ("rgba_premultiplied", "rgb_affine")
 SEED_KINDS = ("center", "zeros")
@@ -132,6 +135,10 @@ class NCASpec(JsonSpec):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be a positive int, got {v!r}")
+            if v > LIMITS[k]:
+                raise ValueError(f"{k} must be at most {LIMITS[k]}, got {v}")
+        if len(self.filters) > LIMITS["filters"]:
+            raise ValueError(f"an NCA takes at most {LIMITS['filters']} filters, got {len(self.filters)}")
         for k in ("hidden_bias", "update_bias"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"{k} must be True or False, got {getattr(self, k)!r}")

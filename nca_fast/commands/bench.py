@@ -1,6 +1,7 @@
 """``nca-fast bench``: time every backend on the same NCA (see :mod:`nca_fast.bench`)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,17 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_out(folder: Path) -> None:
+    """The output folder, made (or found) and writable before any measurement."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to the --out folder {folder}")
+
+
 def run(args) -> int:
+    _check_out(Path(args.out))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no CUDA device is available")

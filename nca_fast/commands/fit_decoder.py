@@ -2,10 +2,15 @@
 train a high-resolution decoder so that MODEL's grown state renders IMAGE (png/jpg)."""
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+
 import torch
 
 from ..decoders import fit_decoder, save_decoder
 from ..media import load_image
+from ..utils.files import check_output
 from .info import BUILTINS, load_model
 from .run import parse_size
 
@@ -31,12 +36,34 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def _check(args) -> torch.device:
+    """Every argument check, before any file is read or any work done."""
+    if not 1 <= args.scale <= 256 or not 0 <= args.steps <= 10**7 or not 0 <= args.grow_steps <= 2**32 - 1:
+        raise ValueError("--scale must be in [1, 256], --steps in [0, 10^7], --grow-steps in [0, 2^32)")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite positive number, got {args.lr}")
+    out = check_output(args.out, (".safetensors",), "--out")
+    for what, path in (("model", args.model), ("image", args.image)):
+        if _same_file(out, Path(path)):
+            raise ValueError(f"--out {args.out} is the {what} file: refusing to replace an input")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    return device
+
+
 def run(args) -> int:
-    if args.scale < 1 or args.steps < 0 or args.grow_steps < 0:
-        raise ValueError("--scale must be >= 1 and --steps, --grow-steps >= 0")
+    device = _check(args)
     grid = parse_size(args.grid) if args.grid else None
     image = load_image(args.image)
-    model = load_model(args.model, args.name).to(torch.device(args.device))
+    model = load_model(args.model, args.name).to(device)
     every = max(1, args.steps // 10)
 
     def report(i, loss):

@@ -10,10 +10,13 @@ import torch
 from .. import media
 from ..backend import BACKENDS
 from ..decoders import decode, load_decoder, render_frames
+from ..utils.checks import check_memory
 from ..utils.optional import optional_import
 from .info import BUILTINS, load_model
 
 MAX_SIDE = 1 << 16
+MAX_STEPS = 2**32  # the masks' step counter is 32 bits
+MAX_FRAME_SIDE = {".png": 1 << 16, ".gif": 65535, ".mp4": 16384}  # pixels per side the format takes
 
 
 def parse_size(text: str):
@@ -30,12 +33,17 @@ def parse_size(text: str):
 def _check(args):
     """Every argument check, before any model is loaded or step run."""
     size = parse_size(args.size)
-    for flag, value, low in (("--steps", args.steps, 0), ("--every", args.every, 1),
-                             ("--batch", args.batch, 1), ("--scale-up", args.scale_up, 1)):
+    for flag, value, low, high in (("--steps", args.steps, 0, MAX_STEPS), ("--every", args.every, 1, None),
+                                   ("--batch", args.batch, 1, 1 << 16), ("--scale-up", args.scale_up, 1, 256),
+                                   ("--seed", args.seed, 0, 2**64 - 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if not args.fps > 0:
-        raise ValueError(f"--fps must be > 0, got {args.fps}")
+        if high is not None and value > high:
+            raise ValueError(f"{flag} must be <= {high}, got {value}")
+    try:
+        media.check_fps(args.fps)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     ext = media.check_output(args.out)
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
@@ -43,9 +51,36 @@ def _check(args):
         raise ValueError(f"--device {args.device}: CUDA is not available here")
     if args.scale is not None and args.decoder is None:
         raise ValueError("--scale needs --decoder (use --scale-up for nearest-neighbour upscaling)")
-    if args.scale is not None and args.scale < 1:
-        raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    if args.scale is not None and not 1 <= args.scale <= 256:
+        raise ValueError(f"--scale must be in [1, 256], got {args.scale}")
+    _check_frame(size, args.batch, args.scale or 1, args.scale_up, ext)
     return size, ext, device
+
+
+def _check_frame(size, batch: int, scale: int, scale_up: int, ext: str) -> int:
+    """The output frame's sides against what the format takes; returns its pixels."""
+    (h, w), most = size, MAX_FRAME_SIDE[ext]
+    fh, fw = h * scale * scale_up, batch * w * scale * scale_up
+    if max(fh, fw) > most:
+        fit = max(1, most // max(h * scale, batch * w * scale))
+        raise ValueError(f"a {fw}x{fh}-pixel frame exceeds the {most} pixels per side a {ext} takes "
+                         f"(--scale-up {fit} or less would fit)")
+    return fh * fw
+
+
+def _check_memory(model, decoder, size, args, ext, device, height, width) -> None:
+    """Refuse, before the rollout, frames that cannot fit in memory: the decoded image (float), the
+    8-bit frame, and for a GIF every frame (Pillow keeps them until it writes the file)."""
+    scale = (size[0] // height) if size else (decoder.spec.scale if decoder is not None else 1)
+    pixels = _check_frame((height, width), args.batch, scale, args.scale_up, ext)
+    channels = decoder.spec.out_channels if decoder is not None else 3
+    decoded = args.batch * channels * height * width * scale * scale * 4
+    frames = 1 if ext != ".gif" else 1 + args.steps // args.every
+    need = decoded + pixels * 3 + frames * pixels
+    held = " (a GIF holds them all)" if ext == ".gif" else ""
+    check_memory(need, device if decoder is not None else "cpu",
+                 f"{frames} frame{'s' * (frames > 1)} of {pixels / 1e6:.3g} Mpixel{held}",
+                 per_cell=-(-need // (height * width)))
 
 
 def _load_decoder(args, model, device):
@@ -69,6 +104,7 @@ def run(args) -> int:
     tqdm = optional_import("tqdm", "media").tqdm
     model = load_model(args.model, args.name).to(device)
     decoder, size = _load_decoder(args, model, device) if args.decoder else (None, None)
+    _check_memory(model, decoder, size, args, ext, device, height, width)
     x = model.seed(args.batch, height, width, device=device)
     if decoder is None:
         frame = lambda state: media.to_frame(model.to_rgb(state), args.scale_up)

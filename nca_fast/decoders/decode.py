@@ -18,6 +18,7 @@ from ..kernels.decode import K_PAD
 from ..kernels.launch import launch_lppn, launch_pixel_shuffle
 from ..kernels.pack import cached, dot_dtype, pack_lppn, pack_pixel_shuffle
 from ..precision import PRECISIONS
+from ..utils.checks import check_memory
 from .base import Decoder
 
 
@@ -35,7 +36,9 @@ def decode(decoder, x: torch.Tensor, *, backend: str = "auto", size=None,
     backends.check_backend(backend)
     check_precision(precision)
     decoder.check_state(x)
-    kconfig.out_size(decoder.spec, x.shape[2], x.shape[3], size)
+    Ho, Wo = kconfig.out_size(decoder.spec, x.shape[2], x.shape[3], size)
+    B, K = x.shape[0], decoder.spec.out_channels
+    check_memory(B * K * Ho * Wo * 4, x.device, f"a {B}x{K}x{Ho}x{Wo} decoded image", per_cell=B * K * 4)
     problem = kconfig.decode_problem(decoder.spec, x, size) if backend in ("auto", "triton") else ""
     choice = backends.choose(backend, x, fused_problem=problem, cpu_path=False, cpu_preferred=False,
                              needs_grad=False, what="decode")

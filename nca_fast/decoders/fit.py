@@ -30,6 +30,8 @@ def _as_target(image) -> torch.Tensor:
         image = image[0]
     if image.dim() != 3 or not image.is_floating_point():
         raise ValueError(f"image must be a float [K, H, W] tensor, got {image.dtype} {tuple(image.shape)}")
+    if not torch.isfinite(image).all():
+        raise ValueError(f"image has {int((~torch.isfinite(image)).sum())} NaN or inf values")
     return image.float()
 
 
@@ -51,6 +53,8 @@ def fit_decoder(model, image, scale: int, *, kind: str = "lppn", spec: Optional[
     target = _as_target(image)
     if not isinstance(scale, int) or scale < 1:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite positive number, got {lr!r}")
     for what, v in (("steps", steps), ("grow_steps", grow_steps), ("n_states", n_states),
                     ("state_stride", state_stride)):
         if not isinstance(v, int) or v < (0 if what in ("steps", "grow_steps") else 1):
@@ -113,4 +117,8 @@ def fit_decoder(model, image, scale: int, *, kind: str = "lppn", spec: Optional[
         if callback is not None:
             callback(i, losses[-1])
     decoder.eval()
+    bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    if bad is not None or not all(torch.isfinite(p).all() for p in decoder.parameters()):
+        raise FloatingPointError(f"the fit diverged (loss {losses[bad] if bad is not None else 'finite'} at step "
+                                 f"{bad if bad is not None else steps}, weights no longer finite); try a smaller lr")
     return FitResult(decoder, losses, target, states)

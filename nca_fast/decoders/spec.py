@@ -23,6 +23,9 @@ from typing import Dict, Tuple
 from ..utils.jsonspec import JsonSpec
 
 KINDS = ("pixel_shuffle", "lppn")
+# Bounds on the sizes a spec may declare, so that a hostile file cannot make nca_fast allocate
+# without limit (Cells-to-Pixels decoders: 12-32 channels, hidden 32-64, 3 layers, scale 8).
+LIMITS = {"channels": 4096, "out_channels": 256, "scale": 256, "hidden": 4096, "layers": 64, "frequencies": 64}
 LPPN_PADDINGS = ("circular", "replicate")
 
 
@@ -49,6 +52,9 @@ class DecoderSpec(JsonSpec):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"decoder {key} must be a non-negative int, got {v!r}")
+        for key, most in LIMITS.items():
+            if getattr(self, key) > most:
+                raise ValueError(f"decoder {key} must be at most {most}, got {getattr(self, key)}")
         if self.kind not in KINDS:
             raise ValueError(f"decoder kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "pixel_shuffle":

@@ -32,6 +32,7 @@ from ..model import NCA
 from ..spec import Filter, NCASpec
 from ..utils.files import read_input
 from ..utils.optional import optional_import
+from .common import listing
 from .errors import ModelFormatError
 from .torch_port import torch_load
 
@@ -121,7 +122,8 @@ def cells2pixels_nca(state_dict: Mapping[str, torch.Tensor], *, nca_type: str = 
         raise ValueError(f"nca_type must be one of {NCA_TYPES}, got {nca_type!r}")
     extra = set(state_dict) - {"w1.weight", "w1.bias", "w2.weight", "noise_level"}
     if extra or not {"w1.weight", "w1.bias", "w2.weight"} <= set(state_dict):
-        raise ModelFormatError(path, f"not a Cells-to-Pixels NCA state dict: keys {sorted(map(str, state_dict))[:8]}")
+        keys = listing(sorted(map(str, state_dict)))
+        raise ModelFormatError(path, f"not a Cells-to-Pixels NCA state dict: keys {keys}")
     w1 = state_dict["w1.weight"].float().flatten(1)  # [fc, 4C]
     w2 = state_dict["w2.weight"].float().flatten(1)  # [C, fc]
     C, fc = w2.shape

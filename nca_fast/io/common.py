@@ -13,6 +13,14 @@ from ..spec import NCASpec
 from .errors import ModelFormatError
 
 
+def listing(items, most: int = 8) -> str:
+    """The first ``most`` items (each cut to 60 characters), then how many more: error messages
+    about a hostile file stay short."""
+    items = [str(i)[:60] for i in items]
+    head = ", ".join(items[:most])
+    return head + (f" and {len(items) - most} more ({len(items)} in all)" if len(items) > most else "")
+
+
 def decode_b64(path, text, what: str) -> bytes:
     """Strict base64 -> bytes; a clear error naming ``what`` on bad input."""
     if not isinstance(text, str):

@@ -18,10 +18,11 @@ import torch
 from ..model import NCA
 from ..spec import texture_spec
 from ..utils.optional import optional_import
-from .common import channels_from, decode_b64, make_nca, make_spec
+from .common import channels_from, decode_b64, listing, make_nca, make_spec
 from .errors import ModelFormatError
 
 _N_FILTERS = 4  # identity, sobel_x, sobel_y, laplacian
+MAX_PIXELS = 1 << 24  # of a layer's PNG (the published file's largest is ~100 x 600)
 
 
 def matches(obj) -> bool:
@@ -41,8 +42,9 @@ def _positive_pair(v) -> bool:
     return isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and i > 0 for i in v)
 
 
-def _png(path, data, i: int) -> np.ndarray:
-    """A layer's PNG data URL -> uint8 ``[height, width, 4]``."""
+def _png(path, data, i: int, size) -> np.ndarray:
+    """A layer's PNG data URL -> uint8 ``[height, width, 4]``; ``size`` = the (width, height) its
+    shape and layout need, checked from the header before the image is decoded."""
     if not isinstance(data, str) or "," not in data:
         raise ModelFormatError(path, f"layer {i}: data must be a PNG data URL")
     header, payload = data.split(",", 1)
@@ -52,6 +54,9 @@ def _png(path, data, i: int) -> np.ndarray:
     Image = optional_import("PIL.Image", "formats")
     try:
         with Image.open(io.BytesIO(raw), formats=["PNG"]) as im:
+            if im.size != tuple(size):
+                raise ModelFormatError(path, f"layer {i}: PNG is {im.size[0]}x{im.size[1]} (WxH), its shape "
+                                             f"and layout need {size[0]}x{size[1]}")
             if im.mode != "RGBA":
                 raise ModelFormatError(path, f"layer {i}: PNG must be RGBA, got mode {im.mode}")
             return np.asarray(im.copy())  # copy() decodes fully, so truncation fails here
@@ -74,10 +79,11 @@ def _layer(path, layer, i: int, index: int, n_models: int):
         raise ModelFormatError(path, f"layer {i}: layout {layout} has fewer tiles than {n_models} models")
     rows, out = shape
     tile_w = -(-out // 4)
-    img = _png(path, layer["data"], i)
-    if img.shape[:2] != (rows * layout[1], tile_w * layout[0]):
-        raise ModelFormatError(path, f"layer {i}: PNG is {img.shape[1]}x{img.shape[0]} (WxH), shape {shape} "
-                                     f"and layout {layout} need {tile_w * layout[0]}x{rows * layout[1]}")
+    size = (tile_w * layout[0], rows * layout[1])
+    if size[0] * size[1] > MAX_PIXELS:
+        raise ModelFormatError(path, f"layer {i}: shape {shape} and layout {layout} declare a "
+                                     f"{size[0]}x{size[1]} PNG, more than the {MAX_PIXELS} pixels this reads")
+    img = _png(path, layer["data"], i, size)
     r0, c0 = (index // layout[0]) * rows, (index % layout[0]) * tile_w
     tile = img[r0:r0 + rows, c0:c0 + tile_w].reshape(rows, tile_w * 4)[:, :out]  # [in + 1, out]
     q = (tile.astype(np.float64) - 127.0) / 255.0 * scale
@@ -90,7 +96,7 @@ def load(path, obj, name: Optional[str]) -> NCA:
     models = names(path, obj)
     if name is None or name not in models:
         what = f"has no model {name!r}" if name else f"holds {len(models)} models, pick one with name="
-        raise ModelFormatError(path, f"texture file {what}; available: {', '.join(models)}")
+        raise ModelFormatError(path, f"texture file {what}; available: {listing(models, 80)}")
     layers = obj["layers"]
     if not isinstance(layers, list) or len(layers) != 2:
         raise ModelFormatError(path, "a texture model needs exactly 2 layers")

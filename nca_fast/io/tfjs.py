@@ -19,6 +19,7 @@ from .common import channels_from, decode_b64, interleaved_to_blocked, make_nca,
 from .errors import ModelFormatError
 
 _PASS_THROUGH = ("Identity", "BiasAdd", "Relu")
+MAX_CONST_ELEMENTS = 1 << 24  # a Const may declare this many floats (an NCA layer has ~10^4)
 
 
 def matches(obj) -> bool:
@@ -42,18 +43,23 @@ class _Graph:
             raise ModelFormatError(self.path, f"graph references a missing node {name!r}")
         return self.nodes[name]
 
-    def source(self, ref: str) -> dict:
-        """Follow ``Identity`` nodes back to the node producing a value."""
-        n = self.node(ref)
-        while n.get("op") == "Identity" and n.get("input"):
+    def _walk(self, n: dict, ops) -> dict:
+        """Follow first inputs back through nodes whose op is in ``ops``; a cycle is an error."""
+        seen = set()
+        while n.get("op") in ops and n.get("input"):
+            if n["name"] in seen:
+                raise ModelFormatError(self.path, f"graph cycle through node {str(n['name'])[:60]!r}")
+            seen.add(n["name"])
             n = self.node(n["input"][0])
         return n
 
+    def source(self, ref: str) -> dict:
+        """Follow ``Identity`` nodes back to the node producing a value."""
+        return self._walk(self.node(ref), ("Identity",))
+
     def upstream_conv(self, conv: dict) -> Optional[dict]:
         """The ``Conv2D`` feeding ``conv`` through ``BiasAdd``/``Relu``/``Identity`` nodes, if any."""
-        n = self.node(conv["input"][0])
-        while n.get("op") in _PASS_THROUGH and n.get("input"):
-            n = self.node(n["input"][0])
+        n = self._walk(self.node(conv["input"][0]), _PASS_THROUGH)
         return n if n.get("op") == "Conv2D" else None
 
     def const(self, node: dict, what: str) -> np.ndarray:
@@ -68,7 +74,14 @@ class _Graph:
             shape = tuple(int(d.get("size", 0)) for d in tensor.get("tensorShape", {}).get("dim", []))
         except (TypeError, ValueError, AttributeError):
             raise ModelFormatError(self.path, f"{what}: malformed tensorShape") from None
-        count = int(np.prod(shape))
+        if any(d < 0 for d in shape) or len(shape) > 8:
+            raise ModelFormatError(self.path, f"{what}: malformed tensorShape {list(shape)[:8]}")
+        count = 1
+        for d in shape:
+            count *= d
+        if count > MAX_CONST_ELEMENTS:
+            raise ModelFormatError(self.path, f"{what}: declares {count} values, more than the "
+                                              f"{MAX_CONST_ELEMENTS} a model layer may have")
         if "tensorContent" in tensor:
             raw = decode_b64(self.path, tensor["tensorContent"], f"{what} tensorContent")
             if len(raw) != 4 * count:

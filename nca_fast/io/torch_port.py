@@ -25,7 +25,7 @@ import torch
 from ..model import NCA
 from ..spec import growing_spec
 from ..utils.files import MAX_MODEL_BYTES, read_input
-from .common import channels_from, interleaved_to_blocked, make_nca, make_spec, swap_blocks
+from .common import channels_from, interleaved_to_blocked, listing, make_nca, make_spec, swap_blocks
 from .errors import ModelFormatError
 
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
@@ -164,8 +164,8 @@ def _conv_layout(path, sd):
     convs = sorted((k for k, v in sd.items() if k.endswith(".weight") and v.dim() == 4),
                    key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")])
     if len(convs) != 2 or any(tuple(sd[k].shape[2:]) != (1, 1) for k in convs):
-        shapes = {k: list(sd[k].shape) for k in convs}
-        raise ModelFormatError(path, f"expected two 1x1 convolutions (the update MLP), found {shapes}")
+        shapes = listing(f"{k} {list(sd[k].shape)}" for k in convs)
+        raise ModelFormatError(path, f"expected two 1x1 convolutions (the update MLP), found {len(convs)}: {shapes}")
     (k1, k2), bias = convs, lambda k: k[: -len("weight")] + "bias"
     w1, w2 = sd[k1][:, :, 0, 0], sd[k2][:, :, 0, 0]
     channels_from(path, w1.shape[1], 3, "PyTorch port (identity, sobel_x, sobel_y)")
@@ -180,10 +180,10 @@ def load(path, data: bytes) -> NCA:
     elif any(v.dim() == 4 for v in sd.values()):
         weights, used = _conv_layout(path, sd)
     else:
-        raise ModelFormatError(path, f"unknown PyTorch state dict layout: {sorted(sd)}")
+        raise ModelFormatError(path, f"unknown PyTorch state dict layout: {listing(sorted(sd))}")
     extra = sorted(set(sd) - used)
     if extra:
-        raise ModelFormatError(path, f"unexpected tensors {extra} (stored perception kernels or deeper "
+        raise ModelFormatError(path, f"unexpected tensors {listing(extra)} (stored perception kernels or deeper "
                                      "MLPs are not supported)")
     weights = {k: v for k, v in weights.items() if v is not None}
     w1, w2 = weights["w1"], weights["w2"]

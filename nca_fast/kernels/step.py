@@ -43,6 +43,12 @@ def _wrap(i, n, PAD: tl.constexpr):
 
 
 @triton.jit
+def _clamp(v, lo, hi):
+    """clamp(v, lo, hi) that keeps NaN (as torch.clamp; a GPU's plain min/max would drop it)."""
+    return tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _tile(it, n_tiles, tiles_per_image, n_tiles_w, H, W, BH: tl.constexpr, BW: tl.constexpr):
     """Round ``it`` of the persistent loop: this program's tile (tiles pid, pid + nprog, ...) as
     (image b, rows i [M], columns j [M], valid [M]). Cells past the grid's edge are clamped onto it
@@ -75,7 +81,7 @@ def _keep(src, pre, i, j, H, W, HW, ALPHA: tl.constexpr, threshold, APAD: tl.con
         mj = j + (m % 3 - 1)
         a = tl.load(src + ALPHA * HW + _wrap(mi, H, APAD) * W + _wrap(mj, W, APAD),
                     mask=_inside(mi, mj, H, W) | (APAD != 0), other=float("-inf"))
-        post = tl.maximum(post, a.to(tl.float32))
+        post = tl.maximum(post, a.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
     return (post > threshold) & (tl.load(pre + i * W + j) != 0)
 
 
@@ -125,7 +131,7 @@ def _layer1(p, w1, f: tl.constexpr, acc, chan, hid, CP: tl.constexpr, HP: tl.con
             P_CLAMP: tl.constexpr, p_lo, p_hi, DOT_T: tl.constexpr, PREC: tl.constexpr):
     """acc += clamp(p) @ w1[f]: perception of filter f [M, CP] times its weight block [CP, HP]."""
     if P_CLAMP:
-        p = tl.minimum(tl.maximum(p, p_lo), p_hi)
+        p = _clamp(p, p_lo, p_hi)
     wf = tl.load(w1 + f * CP * HP + chan[:, None] * HP + hid[None, :])
     return tl.dot(p.to(DOT_T), wf, acc, input_precision=PREC)
 
@@ -224,7 +230,7 @@ def nca_step_kernel(
                                     keep = _keep(x_in, pre_in, ai, aj, H, W, HW, ALPHA, threshold,
                                                  APAD).to(tl.float32)
                                 a = tl.where(aok, tl.where(aok, a, 0.0) * keep, a)
-                            pool = tl.maximum(pool, a)
+                            pool = tl.maximum(pool, a, propagate_nan=tl.PropagateNan.ALL)
             acc = _layer1(p0, w1, 4 * g, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
             if 4 * g + 1 < F:
                 acc = _layer1(p1, w1, 4 * g + 1, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
@@ -234,15 +240,15 @@ def nca_step_kernel(
                 acc = _layer1(p3, w1, 4 * g + 3, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
         if HAS_B1:
             acc += bias1[None, :]
-        h = tl.maximum(acc, 0.0)
+        h = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if H_CLAMP:
-            h = tl.minimum(tl.maximum(h, h_lo), h_hi)
+            h = _clamp(h, h_lo, h_hi)
         w2t = tl.load(w2 + hid[:, None] * CP + chan[None, :])
         dx = tl.dot(h.to(DOT_T), w2t, input_precision=PREC)
         if HAS_B2:
             dx += bias2[None, :]
         if U_CLAMP:
-            dx = tl.minimum(tl.maximum(dx, u_lo), u_hi)
+            dx = _clamp(dx, u_lo, u_hi)
 
         # The stochastic update mask from the global cell coordinates (see nca_fast/rng.py).
         if HAS_MASK:
@@ -262,9 +268,9 @@ def nca_step_kernel(
             else:
                 keep = _keep(x_in, pre_in, i, j, H, W, HW, ALPHA, threshold, APAD)
             x = x * keep.to(tl.float32)[:, None]
-        y = x + tl.where(fire[:, None], dx * step_size, 0.0)
+        y = x + dx * (fire.to(tl.float32) * step_size)[:, None]  # NaN * 0 stays NaN, as in the reference
         if S_CLAMP:
-            y = tl.minimum(tl.maximum(y, s_lo), s_hi)
+            y = _clamp(y, s_lo, s_hi)
         out = (chan[None, :] * HW + (i * W + j)[:, None])
         tl.store(dst + image + out, y.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
         if DECODE:  # only for models without alive masks: y is the true state (else see finalize)

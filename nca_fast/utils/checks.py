@@ -92,9 +92,19 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def check_memory(nbytes: int, device, what: str) -> None:
-    """Refuse an allocation of ``nbytes`` that cannot fit in the memory ``device`` has available."""
+def available_bytes(device) -> Optional[int]:
+    """Memory a new allocation can take on ``device`` (None when unknown)."""
+    return _available_bytes(torch.device(device))
+
+
+def check_memory(nbytes: int, device, what: str, per_cell: Optional[int] = None) -> None:
+    """Refuse an allocation of ``nbytes`` that cannot fit in the memory ``device`` has available;
+    with ``per_cell`` (bytes per grid cell) the message names the largest square grid that fits."""
     device = torch.device(device)
     avail = _available_bytes(device)
     if avail is not None and nbytes > avail:
-        raise MemoryError(f"{what} needs {_gib(nbytes)}, more than the {_gib(avail)} available on {device}")
+        hint = ""
+        if per_cell:
+            side = int((avail // per_cell) ** 0.5)
+            hint = f"; at most about {side}x{side} cells fit"
+        raise MemoryError(f"{what} needs {_gib(nbytes)}, more than the {_gib(avail)} available on {device}{hint}")
