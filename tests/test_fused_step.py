@@ -26,7 +26,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
 
 def random_spec(g: torch.Generator, **over) -> NCASpec:
-    """A random architecture: channels 4-64, hidden 16-256, 1-5 filters (random taps included)."""
+    """A random architecture: channels 4-23, hidden 16-128, 1-5 filters (random taps included); the
+    chunked MLP of wider models is tested apart (test_chunked_mlp)."""
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]
     C = pick([4, 5, 12, 16, 23])
     names = pick([("identity", "sobel_x", "sobel_y"), ("identity", "sobel_x", "sobel_y", "laplacian"),
@@ -103,6 +104,76 @@ def test_fused_alive_padding_apart_from_perception(padding, alive_padding):
                                model.rollout(x, 3, seed=3, backend="reference"), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "circular", "replicate"])
+@pytest.mark.parametrize("model_name", ["growing", "texture"])
+def test_interior_and_border_kernels_together(padding, model_name):
+    """Grids wide enough for interior tiles (one row of 64 cells whose neighbourhood is inside the
+    grid, 2 cells deep in the pending form) beside the border ring: a step and a 3-step rollout (the
+    pending form) equal the reference; odd sizes, batch 2, NCHW and channels-last inputs."""
+    g = torch.Generator().manual_seed(23)
+    spec = (nf.growing_spec if model_name == "growing" else nf.texture_spec)(padding=padding)
+    model = random_model(spec, g)
+    cfg = step_config(spec, "ieee")
+    for B, H, W in [(2, 7, 71), (1, 6, 133)]:
+        assert launch.regions(cfg, H, W, pending=True)[0] < H  # there are interior tiles
+        x = random_state(spec, g, B=B, H=H, W=W)
+        y = model.step(x, seed=4, step=2, backend="triton")
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, model.step(x, seed=4, step=2, backend="reference"), atol=1e-5, rtol=1e-5)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model.step(xc, seed=4, step=2, backend="triton"), y, atol=0, rtol=0)
+        torch.testing.assert_close(model.rollout(x, 3, seed=5, backend="triton"),
+                                   model.rollout(x, 3, seed=5, backend="reference"), atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 3e-5, 3e-5), (torch.float16, 2e-2, 2e-2)])
+def test_chunked_mlp(dtype, atol, rtol):
+    """40 channels x 200 hidden units: the perception in channel chunks of 16 (the K loop of layer 1)
+    and the hidden layer in chunks, interior and border tiles, a step and a rollout (fp32: an alive
+    model in its pending form; fp16: none, whose rounding could flip an alive decision)."""
+    g = torch.Generator().manual_seed(31)
+    spec = nf.growing_spec(channels=40, hidden=200, padding="circular", alive_padding="replicate",
+                           perception_clamp=(-2.0, 2.0), **({} if dtype == torch.float32 else {"alive_channel": None}))
+    model = random_model(spec, g)
+    cfg = step_config(spec, "ieee" if dtype == torch.float32 else "fp16")
+    assert cfg.CP // cfg.CC == 4 and cfg.HP // cfg.HC >= 2
+    x = random_state(spec, g, B=1, H=6, W=69)
+    assert launch.regions(cfg, 6, 69, pending=True)[0] < 6
+    xd = x.to(dtype).double()
+    torch.testing.assert_close(model.step(x.to(dtype), seed=1, backend="triton").double(),
+                               model.double().step(xd, seed=1, backend="reference"), atol=atol, rtol=rtol)
+    model.float()
+    torch.testing.assert_close(model.rollout(x.to(dtype), 2, seed=2, backend="triton").double(),
+                               model.double().rollout(xd, 2, seed=2, backend="reference"), atol=atol, rtol=rtol)
+
+
+def test_interior_tiles_cover_the_grid():
+    """Interior tiles (each row's last one overlapping the one before, as the kernel places them)
+    cover the interior rectangle exactly, inside the margin; interior + ring = every cell once."""
+    spec = nf.growing_spec()
+    cfg = step_config(spec, "fp16")
+    for H, W in [(1, 1), (3, 66), (4, 66), (5, 68), (9, 200), (70, 3), (6, 131)]:
+        for pending in (False, True):
+            top, bot, left, right = launch.regions(cfg, H, W, pending)
+            assert 0 <= top <= bot <= H and 0 <= left <= right <= W
+            m = cfg.margin(pending)
+            covered = torch.zeros(H, W, dtype=torch.bool)
+            n = launch.interior_tiles(cfg, 1, top, bot, left, right)
+            per_row = -(-(right - left) // cfg.BW) if n else 1
+            for t in range(n):
+                i, r = top + t // per_row, t % per_row
+                j0 = min(left + r * cfg.BW, right - cfg.BW)
+                assert left <= j0 and j0 + cfg.BW <= right
+                covered[i, j0:j0 + cfg.BW] = True
+            if top < bot:
+                assert top >= m and bot <= H - m and left >= m and right <= W - m
+                assert covered[top:bot, left:right].all() and covered.sum() == (bot - top) * (right - left)
+            else:
+                assert n == 0
+            ring = top * W + (H - bot) * W + (bot - top) * (left + W - right)
+            assert int(covered.sum()) + ring == H * W
+
+
 def test_in_kernel_masks_are_bit_identical():
     """With w = 0 and b2 = 1 the update is exactly the fire mask: y - x == mask, bit for bit."""
     spec = NCASpec(channels=4, hidden=16, alive_channel=None, hidden_bias=False, fire_rate=0.37)
@@ -132,6 +203,7 @@ def test_output_buffers_poisoned_with_nan_are_fully_written():
     g = torch.Generator().manual_seed(5)
     spec = nf.growing_spec()
     model, x = random_model(spec, g), random_state(spec, g, B=2, H=5, W=35)
+    x = x.contiguous(memory_format=torch.channels_last)  # the launchers' layout
     cfg = step_config(spec, "ieee")
     packed = model.packed_weights(x.dtype)
     y = torch.full_like(x, float("nan"))
@@ -205,11 +277,11 @@ def test_op_works_under_torch_compile_fullgraph():
     g = torch.Generator().manual_seed(2)
     model = random_model(spec, g)
     x = random_state(spec, g, B=1, H=5, W=9)
-    w1, b1, w2, b2 = model.packed_weights(x.dtype)
+    packed = model.packed_weights(x.dtype)
     ctr = launch.counter_tensor(4, 5, DEVICE)
 
     def f(x):
-        return torch.ops.nca_fast.fused_step(x, w1, b1, w2, b2, ctr, None, spec.json, 0.5, 0, 0, "ieee") * 2
+        return torch.ops.nca_fast.fused_step(x, *packed, ctr, None, spec.json, 0.5, 0, 0, "ieee") * 2
 
     y = torch.compile(f, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(y / 2, model.step(x, seed=4, step=5, backend="reference"), atol=1e-5, rtol=1e-5)
@@ -217,7 +289,7 @@ def test_op_works_under_torch_compile_fullgraph():
                          backend="eager")
     torch.testing.assert_close(step(x), y / 2, atol=1e-6, rtol=1e-6)
     torch.library.opcheck(torch.ops.nca_fast.fused_step.default,
-                          (x, w1, b1, w2, b2, ctr, None, spec.json, 0.5, 0, 0, "ieee"),
+                          (x, *packed, ctr, None, spec.json, 0.5, 0, 0, "ieee"),
                           test_utils=("test_schema", "test_faketensor"))
 
 

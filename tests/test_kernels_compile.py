@@ -1,11 +1,15 @@
 """Every kernel configuration the dispatchers can pick compiles for sm_80 and sm_90a (no GPU needed),
-uses tensor-core instructions for its MLP where it should, and the step keeps its spills small."""
+uses tensor-core instructions for its MLP where it should, the step does not spill (but where
+catalogue.SPILL_LIMITS says why) and the published models' steps hold their instruction budgets."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import triton
+
+from nca_fast.kernels import catalogue
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,48 @@ def test_tensor_core_mlp(report):
     _, rows, _ = report
     mlps = [r for r in rows if not r["config"].startswith("finalize/") or "+ps" in r["config"]]
     assert any(r["config"].startswith(("lppn", "pixel_shuffle")) for r in mlps)  # decode configs too
-    for r in mlps:
-        want = "HGMMA" if r["target"] == "sm_90a" else "HMMA"
+    for r in mlps:  # wgmma needs 64-row tiles: the step's 32-cell border tiles use mma.sync on Hopper too
+        want = "HGMMA" if r["target"] == "sm_90a" and r["cells_per_tile"] >= 64 else "HMMA"
         assert want in r["tensor_core"], r
+
+
+def test_no_step_spills_beyond_its_limit(report):
+    _, rows, _ = report
+    steps = [r for r in rows if r["config"].startswith("step/")]
+    assert steps
+    for r in steps:  # (the limits are set on sm_90a; sm_80's spills are reported)
+        if r["target"] == "sm_90a":
+            assert r["spill_bytes"] <= catalogue.spill_limit(r), r
+        if r["dtype"] != "ieee" and r["model"] in catalogue.PUBLISHED:  # (sm_80: 8 B with a head on the border)
+            assert r["spill_bytes"] <= (0 if r["target"] == "sm_90a" else 16), r
+
+
+@pytest.mark.skipif(not triton.__version__.startswith("3.9"), reason="budgets are set on triton 3.9's SASS")
+def test_budgets(report):
+    """Every budget of catalogue.BUDGETS applies to at least one interior step on sm_90a, and holds."""
+    _, rows, _ = report
+    hits = set()
+    for r in rows:
+        limits = catalogue.budget(r)
+        if r["target"] != "sm_90a" or limits is None:
+            continue
+        hits.add(limits)
+        wi, bars, ctas = limits
+        assert r["warp_instructions_per_cell"] <= wi and r["barriers"] <= bars and r["resident_ctas"] >= ctas, r
+    assert hits == set(catalogue.BUDGETS.values())
+
+
+def test_dump_writes_cubins_and_configs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "nca_fast.cli", "kernels", "--target", "sm_90a", "--filter",
+                           "step/growing-16x128/fp16/interior", "--dump", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    configs = json.loads((tmp_path / "configs.json").read_text())
+    assert {c["name"] for c in configs} == {"step/growing-16x128/fp16/interior",
+                                            "step/growing-16x128/fp16/interior/single"}
+    for c in configs:
+        assert c["kernel"] == "step" and c["model"] == "growing-16x128" and c["dtype"] == "fp16"
+        assert c["interior"] is True and c["phase"] in ("rollout", "single")
+        assert c["num_warps"] == 4 and c["cells_per_tile"] == 64 and c["shared_bytes"] > 0
+        assert (tmp_path / c["cubin"]).read_bytes()[:4] == b"\x7fELF"

@@ -1,5 +1,10 @@
-"""`nca-fast kernels --target sm_90a`: compile every kernel configuration the dispatcher can pick, on a
-machine without a GPU, and print registers, spills, shared memory and tensor-core instructions."""
+"""`nca-fast kernels --target sm_90a`: compile every kernel configuration the dispatchers can pick, on a
+machine without a GPU, and report what the SASS of each one's persistent loop costs: registers, spills,
+shared memory, resident CTAs, warp-instructions per cell, barriers and shuffles per tile, global load /
+store widths, tensor-core instructions. Fails on a compile error, on shared memory beyond a block's
+limit, and (sm_90a, triton 3.9) on a step that spills beyond its limit (none but the "ieee" precision and the
+largest shape class may spill: ``catalogue.SPILL_LIMITS``) or exceeds its budget (``catalogue.BUDGETS``).
+``--dump DIR`` writes each configuration's cubin and DIR/configs.json to disassemble them."""
 from __future__ import annotations
 
 import json
@@ -7,21 +12,28 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import triton
 
 from ..kernels import catalogue
 from ..kernels.compile import SHARED_LIMIT, TARGETS, compile_config
 from ..kernels.config import interpreting
 from ..utils.files import atomic_write_bytes
 
+BUDGET_TRITON = "3.9"  # the release the budgets were set on; other releases are reported, not gated
+
 
 def add_parser(sub):
-    p = sub.add_parser("kernels", help="compile every kernel configuration for a GPU target (no GPU needed)")
+    p = sub.add_parser("kernels", help="compile every kernel configuration for a GPU target (no GPU needed)",
+                       description=__doc__.splitlines()[0])
     p.add_argument("--target", action="append", choices=sorted(TARGETS),
                    help="GPU target; repeat for several (default: sm_80 and sm_90a)")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count() or 1, help="parallel compiles (default: usable CPUs)")
     p.add_argument("--filter", default="", help="only configurations whose name contains this")
     p.add_argument("--json", help="also write the table as JSON to this file")
+    p.add_argument("--dump", metavar="DIR", help="write every configuration's cubin into DIR, and DIR/configs.json")
     p.set_defaults(func=run)
 
 
@@ -30,12 +42,21 @@ def _compile(job):
     cfg = catalogue.compile_configs()[index]
     try:
         res = compile_config(cfg, target)
-        if res["shared_bytes"] > SHARED_LIMIT[target]:
-            return {"ok": False, **res, "error": f"{res['shared_bytes']} B of shared memory exceed "
-                                                 f"{target}'s {SHARED_LIMIT[target]} B per block"}
-        return {"ok": True, **res}
     except Exception as e:  # noqa: BLE001  reported in the table; the command fails at the end
         return {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
+    res.pop("sass")
+    problems = []
+    if res["shared_bytes"] > SHARED_LIMIT[target]:
+        problems.append(f"{res['shared_bytes']} B of shared memory exceed {target}'s {SHARED_LIMIT[target]} B "
+                        "per block")
+    gated = target == "sm_90a" and triton.__version__.startswith(BUDGET_TRITON)
+    if gated:
+        problems += catalogue.budget_problems(cfg.meta, res)
+    return {"ok": not problems, **res, "error": "; ".join(problems)}
+
+
+def _loads(widths: dict) -> str:
+    return " ".join(f"{n}x{w}" for w, n in widths.items()) or "-"
 
 
 def run(args) -> int:
@@ -45,23 +66,47 @@ def run(args) -> int:
         return subprocess.call([sys.executable, "-m", "nca_fast.cli", *sys.argv[1:]], env=env)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     targets = args.target or list(TARGETS)
-    configs = [(i, c.name, c.note) for i, c in enumerate(catalogue.compile_configs()) if args.filter in c.name]
-    jobs = [(i, t) for t in targets for (i, _, _) in configs]
+    all_cfgs = catalogue.compile_configs()
+    configs = [(i, c) for i, c in enumerate(all_cfgs) if args.filter in c.name]
+    jobs = [(i, t) for t in targets for i, _ in configs]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(_compile, jobs))
-    rows, failed = [], 0
-    head = f"{'target':7} {'configuration':34} {'tile':10} {'regs':>4} {'spill B':>7} {'smem B':>7}  tensor cores"
+    head = (f"{'target':7} {'configuration':44} {'regs':>4} {'spill':>5} {'smem':>6} {'CTAs':>4} {'wi/cell':>7} "
+            f"{'bars':>4} {'shfl':>4}  loads (n x bits) / stores  tensor cores")
     print(head + "\n" + "-" * len(head))
+    rows, failed, dumped = [], 0, []
+    dump = Path(args.dump) if args.dump else None
+    if dump:
+        dump.mkdir(parents=True, exist_ok=True)
     for (index, target), res in zip(jobs, results):
-        name, note = next((n, note) for (i, n, note) in configs if i == index)
-        rows.append({"target": target, "config": name, "note": note, **res})
-        if res["ok"]:
-            print(f"{target:7} {name:34} {note[5:]:10} {res['registers']:>4} {res['spill_bytes']:>7} "
-                  f"{res['shared_bytes']:>7}  {res['tensor_core']}")
-        else:
+        cfg = all_cfgs[index]
+        cubin = res.pop("cubin", None)
+        row = {"target": target, "config": cfg.name, "note": cfg.note, "num_warps": cfg.num_warps, **cfg.meta,
+               **res}
+        rows.append(row)
+        if "registers" in res:
+            wi = res["warp_instructions_per_cell"]
+            print(f"{target:7} {cfg.name:44} {res['registers']:>4} {res['spill_bytes']:>5} {res['shared_bytes']:>6} "
+                  f"{res['resident_ctas']:>4} {'-' if wi is None else f'{wi:.1f}':>7} {res['barriers']:>4} "
+                  f"{res['shuffles']:>4}  {_loads(res['global_loads'])} / {_loads(res['global_stores'])}  "
+                  f"{res['tensor_core']}")
+        if not res["ok"]:
             failed += 1
-            print(f"{target:7} {name:34} ERROR: {res['error']}")
+            print(f"{'':7} {cfg.name:44} FAILED: {res['error']}")
+        if dump and cubin is not None:
+            name = cfg.name.replace("/", "_").replace("+", "_") + f".{target}.cubin"
+            atomic_write_bytes(dump / name, cubin)
+            dumped.append({"name": cfg.name, "target": target, "kernel": cfg.meta.get("kernel"),
+                           "model": cfg.meta.get("model"), "dtype": cfg.meta.get("dtype"),
+                           "phase": cfg.meta.get("phase"), "interior": cfg.meta.get("interior"),
+                           "num_warps": cfg.num_warps, "cells_per_tile": cfg.meta.get("cells_per_tile"),
+                           "shared_bytes": res["shared_bytes"], "cubin": name})
+    if dump:
+        atomic_write_bytes(dump / "configs.json", json.dumps(dumped, indent=1).encode())
     if args.json:
         atomic_write_bytes(args.json, json.dumps(rows, indent=1).encode())
-    print(f"{len(rows) - failed} configurations compiled, {failed} failed")
+    if "sm_90a" in targets and not triton.__version__.startswith(BUDGET_TRITON):
+        print(f"note: the instruction budgets are set for triton {BUDGET_TRITON}; this is triton "
+              f"{triton.__version__}: reported, not enforced")
+    print(f"{len(rows) - failed} configurations passed, {failed} failed")
     return 1 if failed else 0

@@ -63,7 +63,7 @@ def fused_decode(decoder, x: torch.Tensor, *, size=None, precision: str = "ieee"
             or not out.is_contiguous() or out.device != x.device:
         raise ValueError(f"out must be a contiguous {odt} tensor of shape "
                          f"{(B, spec.out_channels, Ho, Wo)} on {x.device}")
-    xs = x.detach().to(torch.float32).contiguous()  # the coarse state is s*s times smaller
+    xs = x.detach().to(torch.float32).contiguous(memory_format=torch.channels_last)  # s*s times smaller
     if spec.kind == "lppn":
         packed = cached(decoder, ("lppn", kp, x.device),
                         lambda: pack_lppn(spec, decoder.params(), kp, x.device, int(K_PAD)))

@@ -4,69 +4,150 @@ from __future__ import annotations
 
 from typing import List
 
-import torch
-
 from ..decoders.spec import pixel_shuffle_spec
 from ..spec import NCASpec, growing_spec, texture_spec
 from . import decode, step
 from .compile import KernelConfig
 from .config import LPPN_HIDDEN_SIZES, PS_DECODE_TILE, dot_types, head_config, lppn_launch, step_config
 
-_STEP_I32 = ("H", "W", "n_tiles_w", "tiles_per_image", "n_tiles", "tiles_per_program", "step_offset",
+_STEP_I32 = ("H", "W", "n_items", "items_per_program", "top", "bot", "left", "right", "step_offset",
              "row0", "col0", "batch0", "fire_threshold")
 _STEP_F32 = ("threshold", "step_size", "p_lo", "p_hi", "h_lo", "h_hi", "u_lo", "u_hi", "s_lo", "s_hi")
 _PTR = {"fp16": "*fp16", "bf16": "*bf16"}
-_STATE = {"tf32": torch.float32, "ieee": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# One spec per tile_shape branch (CP, HP) -> (BH, BW, warps).
-SPECS = {
-    "growing-16x128": growing_spec(),
-    "texture-12x96": texture_spec(),
+# The published architectures (the budgets of `nca-fast kernels` are set on these), then one spec per
+# shape class the kernels specialise on: smallest, mid, largest (8 warps, weights streamed).
+PUBLISHED = {"growing-16x128": growing_spec(), "texture-12x96": texture_spec()}
+SHAPES = {
     "min-4x16": NCASpec(channels=4, hidden=16, padding="replicate"),
     "mid-32x64": texture_spec(channels=32, hidden=64),
-    "max-64x256": growing_spec(channels=64, hidden=256, padding="circular",
+    "max-64x256": growing_spec(channels=64, hidden=256, padding="circular", alive_padding="ignore",
                                perception_clamp=(-2, 2), update_clamp=(-1, 1), state_clamp=(-3, 3)),
 }
-HEADS = {"": None, "+ps8": (8, 0), "+ps4h32": (4, 32)}  # pixel-shuffle epilogues (scale, hidden)
+HEADS = {"+ps8": (8, 0), "+ps4h32": (4, 32)}  # pixel-shuffle epilogues (scale, hidden)
+
+
+# What a step may cost on sm_90a (triton 3.9), read from the SASS of its persistent loop: (model, phase,
+# precisions) -> (warp-instructions per cell, barriers per tile, resident CTAs per SM at least). Where
+# the interior kernel exists, it is the one these apply to (it runs 96-99 % of a large grid's tiles).
+BUDGETS = {
+    ("growing-16x128", "rollout", ("fp16", "bf16")): (48, 8, 4),
+    ("growing-16x128", "rollout", ("tf32",)): (80, 10, 3),
+    ("growing-16x128", "single", ("fp16", "bf16")): (34, 6, 4),
+    ("growing-16x128", "single", ("tf32",)): (56, 8, 3),
+    ("texture-12x96", "rollout", ("fp16", "bf16")): (54, 8, 4),
+    ("texture-12x96", "rollout", ("tf32",)): (78, 8, 3),
+}
+
+def budget(meta: dict):
+    """The (warp-instructions per cell, barriers, resident CTAs) budget of a configuration, or None."""
+    if meta.get("kernel") != "step" or not meta.get("interior") or meta.get("head"):
+        return None
+    for (model, phase, dtypes), limits in BUDGETS.items():
+        if meta.get("model") == model and meta.get("phase") == phase and meta.get("dtype") in dtypes:
+            return limits
+    return None
+
+
+# Spills a configuration may have (bytes, sm_90a): none, except where 255 registers cannot hold the
+# tile. "ieee" keeps a TF32 and a low part of every weight tile (their wgmma descriptors alone take ~60
+# registers) and splits the hidden layer in registers; the largest shape class, 64 channels x 256 hidden,
+# streams its weights from L2 each tile. Both are reported, and held to these ceilings.
+SPILL_LIMITS = {"ieee": 256, "max-64x256": 640}
+
+
+def spill_limit(meta: dict) -> int:
+    return max([0] + [v for k, v in SPILL_LIMITS.items() if k in (meta.get("dtype"), meta.get("model"))])
+
+
+def budget_problems(meta: dict, res: dict) -> List[str]:
+    """Why a compiled configuration fails its gate: a step that spills more than its limit (above),
+    and the budgets of the published models."""
+    problems = []
+    if meta.get("kernel") == "step" and res["spill_bytes"] > spill_limit(meta):
+        problems.append(f"spills {res['spill_bytes']} B (limit {spill_limit(meta)} B)")
+    limits = budget(meta)
+    if limits:
+        wi, bars, ctas = limits
+        if res["warp_instructions_per_cell"] > wi:
+            problems.append(f"{res['warp_instructions_per_cell']:.1f} warp-instructions per cell > {wi}")
+        if res["barriers"] > bars:
+            problems.append(f"{res['barriers']} barriers per tile > {bars}")
+        if res["resident_ctas"] < ctas:
+            problems.append(f"{res['resident_ctas']} resident CTAs per SM < {ctas}")
+    return problems
 
 
 def _pointers(ptr: str, names) -> dict:
     return {n: ("*u8" if n.endswith("pre") or n == "fire_mask" else "*i64" if n == "ctr" else
-                "*fp32" if n in ("b1", "b2", "db0", "db1") else ptr) for n in names}
+                "*fp32" if n in ("b2", "fscale", "db0", "db1") else ptr) for n in names}
+
+
+def _step(name, model, spec, precision, *, interior, pending, has_mask=False, head=None) -> KernelConfig:
+    cfg = step_config(spec, precision)
+    sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "src_pre", "dst", "dst_pre", "fire_mask", "ctr", "w1",
+                                                   "wb", "w2", "b2", "fscale", "img", "dw0", "db0", "dw1", "db1"))
+    sig.update({n: "i32" for n in _STEP_I32})
+    sig.update({n: "fp32" for n in _STEP_F32})
+    ce = cfg.constexprs(pending=pending, has_mask=has_mask, interior=interior)
+    if head:
+        ce.update(DECODE=True, **head_config(pixel_shuffle_spec(spec.channels, scale=head[0], hidden=head[1]),
+                                             cfg.CP).constexprs())
+    sig.update({n: "constexpr" for n in ce})
+    phase = "rollout" if pending and cfg.ALIVE or not cfg.ALIVE else "single"
+    meta = dict(kernel="step", model=model, dtype=precision, phase=phase if not has_mask else "single",
+                interior=interior, cells_per_tile=cfg.tile(interior), head=bool(head), mask=has_mask)
+    return KernelConfig(name, step.nca_step_kernel, sig, ce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        note=f"{'interior' if interior else 'border'} {cfg.tile(interior)}", meta=meta)
+
+
+def _finalize(name, model, spec, precision, head=None) -> KernelConfig:
+    cfg = step_config(spec, precision)
+    sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "src_pre", "dst", "img", "dw0", "db0", "dw1", "db1"))
+    sig.update({"H": "i32", "W": "i32", "n_items": "i32", "items_per_program": "i32", "threshold": "fp32"})
+    ce = cfg.finalize_constexprs()
+    if head:
+        ce.update(DECODE=True, **head_config(pixel_shuffle_spec(spec.channels, scale=head[0], hidden=head[1]),
+                                             cfg.CP).constexprs())
+    sig.update({n: "constexpr" for n in ce})
+    meta = dict(kernel="finalize", model=model, dtype=precision, phase="rollout", interior=False,
+                cells_per_tile=cfg.BW)
+    return KernelConfig(name, step.nca_finalize_kernel, sig, ce, num_warps=cfg.num_warps if head else 4,
+                        num_stages=cfg.num_stages, note=f"cells {cfg.BW}", meta=meta)
 
 
 def step_configs() -> List[KernelConfig]:
-    """The step in its most demanding variant (pending alive form, all clamps) for every tile shape
-    and precision, finalize, and the pixel-shuffle epilogue (in the step, or in finalize for alive
-    models) on the published architectures."""
+    """The step as every dispatch reaches it: interior and border kernels, a rollout's steps (the
+    pending alive form) and a single step, an explicit mask, the pixel-shuffle epilogue (in the step,
+    or in finalize for alive models), and finalize, on the published architectures in every
+    precision; the other shape classes in their most demanding variant."""
     configs = []
-    for sname, spec in SPECS.items():
+    for model, spec in {**PUBLISHED, **SHAPES}.items():
+        published = model in PUBLISHED
+        alive = spec.alive_channel is not None
         for precision in ("tf32", "ieee", "fp16", "bf16"):
-            cfg = step_config(spec, precision)
-            ptr = _PTR.get(precision, "*fp32")
-            for hname, h in HEADS.items():
-                if h and (sname not in ("growing-16x128", "texture-12x96") or precision == "ieee"):
-                    continue  # epilogues: on the published architectures, every tensor-core precision
-                ce_head = dict(DECODE=True, **head_config(pixel_shuffle_spec(spec.channels, scale=h[0], hidden=h[1]),
-                                                          cfg.CP).constexprs()) if h else {}
-                if not cfg.ALIVE or not h:  # alive models decode in finalize
-                    sig = _pointers(ptr, ("src", "src_pre", "dst", "dst_pre", "fire_mask", "ctr", "w1", "b1",
-                                          "w2", "b2", "img", "dw0", "db0", "dw1", "db1"))
-                    sig.update({n: "i32" for n in _STEP_I32})
-                    sig.update({n: "fp32" for n in _STEP_F32})
-                    ce = {**cfg.constexprs(pending=True, has_mask=False), **ce_head}
-                    sig.update({n: "constexpr" for n in ce})
-                    configs.append(KernelConfig(f"step/{sname}/{precision}{hname}", step.nca_step_kernel, sig, ce,
-                                                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                                note=f"tile {cfg.BH}x{cfg.BW}"))
-                if cfg.ALIVE and precision != "ieee":  # finalize: only the pointer type varies by dtype
-                    fsig = _pointers(ptr, ("src", "src_pre", "dst", "img", "dw0", "db0", "dw1", "db1"))
-                    fsig.update({"H": "i32", "W": "i32", "n_tiles_w": "i32", "tiles_per_image": "i32",
-                                 "n_tiles": "i32", "tiles_per_program": "i32", "threshold": "fp32"})
-                    fce = {**cfg.finalize_constexprs(), **ce_head}
-                    fsig.update({n: "constexpr" for n in fce})
-                    configs.append(KernelConfig(f"finalize/{sname}/{precision}{hname}", step.nca_finalize_kernel,
-                                                fsig, fce, num_warps=cfg.num_warps if h else 4,
-                                                num_stages=cfg.num_stages, note=f"tile {cfg.BH}x{cfg.BW}"))
+            if not published and precision in ("ieee", "bf16"):
+                continue  # (the same code as tf32 / fp16 but for the operand type)
+            base = f"step/{model}/{precision}"
+            for interior in (True, False):
+                where = "interior" if interior else "border"
+                configs.append(_step(f"{base}/{where}", model, spec, precision, interior=interior, pending=True))
+                if alive and published:
+                    configs.append(_step(f"{base}/{where}/single", model, spec, precision, interior=interior,
+                                         pending=False))
+            if published and precision == "tf32":
+                configs.append(_step(f"{base}/interior/mask", model, spec, precision, interior=True, pending=False,
+                                     has_mask=True))
+            if published and precision != "ieee":
+                for hname, h in HEADS.items():
+                    if alive:
+                        configs.append(_finalize(f"finalize/{model}/{precision}{hname}", model, spec, precision, h))
+                    else:
+                        for interior in (True, False):
+                            where = "interior" if interior else "border"
+                            configs.append(_step(f"{base}/{where}{hname}", model, spec, precision,
+                                                 interior=interior, pending=False, head=h))
+            if alive and precision != "ieee":
+                configs.append(_finalize(f"finalize/{model}/{precision}", model, spec, precision))
     return configs
 
 
@@ -85,7 +166,9 @@ def decode_configs() -> List[KernelConfig]:
                    "HID": "constexpr", "BLOCK_P": "constexpr", "DOT_T": "constexpr", "PREC": "constexpr"}
             cfgs.append(KernelConfig(f"lppn/h{hid}/{precision}", decode.lppn_kernel, sig,
                                      dict(HID=hid, BLOCK_P=launch["BLOCK_P"], DOT_T=dot_t, PREC=prec),
-                                     num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
+                                     num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+                                     meta=dict(kernel="lppn", model=f"lppn-h{hid}", dtype=precision,
+                                               phase="decode", interior=False, cells_per_tile=launch["BLOCK_P"])))
         BH, BW, warps = PS_DECODE_TILE
         for hidden in (0, 32, 128):
             head = head_config(pixel_shuffle_spec(12, scale=8, hidden=hidden), 16)
@@ -94,7 +177,9 @@ def decode_configs() -> List[KernelConfig]:
             ce = dict(C=12, CP=16, BH=BH, BW=BW, **head.constexprs(), DOT_T=dot_t, PREC=prec)
             sig.update({n: "constexpr" for n in ce})
             cfgs.append(KernelConfig(f"pixel_shuffle/h{hidden}/{precision}", decode.pixel_shuffle_kernel, sig, ce,
-                                     num_warps=warps, num_stages=1, note=f"tile {BH}x{BW}"))
+                                     num_warps=warps, num_stages=1, note=f"tile {BH}x{BW}",
+                                     meta=dict(kernel="pixel_shuffle", model=f"ps-h{hidden}", dtype=precision,
+                                               phase="decode", interior=False, cells_per_tile=BH * BW)))
     return cfgs
 
 

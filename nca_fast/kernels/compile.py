@@ -16,7 +16,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Tuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -43,7 +43,8 @@ class KernelConfig:
     num_stages: int = 2
     note: str = ""
     targets: tuple = tuple(TARGETS)
-    extra: Dict[str, Any] = field(default_factory=dict)
+    # what it is, for the report and the dump: kernel, model, dtype, phase, interior, cells_per_tile
+    meta: Dict[str, Any] = field(default_factory=dict)
 
 
 def _tool(name: str) -> str:
@@ -51,6 +52,66 @@ def _tool(name: str) -> str:
     if not os.path.exists(path):
         raise RuntimeError(f"{name} not found next to triton ({path}); is this triton built for CUDA?")
     return path
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.+?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)")
+# Per-SM limits: registers, shared memory (with the 1 KB each block reserves), threads, blocks.
+SM_LIMITS = {"sm_80": (65536, 164 * 1024, 2048, 32), "sm_90a": (65536, 228 * 1024, 2048, 32)}
+
+
+def sass_instructions(sass: str) -> List[Tuple[int, str]]:
+    """(address, instruction without its predicate) for every SASS instruction."""
+    out = []
+    for addr, text in _INSTR.findall(sass):
+        text = re.sub(r"^@!?U?P[T0-9]+\s+", "", text.strip())
+        out.append((int(addr, 16), text))
+    return out
+
+
+def persistent_loop(sass: str) -> List[str]:
+    """The instructions of the outermost loop (the widest backward branch's span), NOPs left out;
+    the whole function when there is no loop."""
+    instrs = sass_instructions(sass)
+    spans = []
+    for addr, text in instrs:
+        m = _BRANCH.search(text)
+        if m and int(m.group(1), 16) < addr:
+            spans.append((int(m.group(1), 16), addr))
+    lo, hi = max(spans, key=lambda s: s[1] - s[0]) if spans else (0, 1 << 62)
+    return [t for a, t in instrs if lo <= a <= hi and not t.startswith("NOP")]
+
+
+def loop_counts(loop: List[str]) -> Dict[str, Any]:
+    """What a tile of the persistent loop costs: instructions, barriers, shuffles, and global
+    loads / stores by width (e.g. ``{"128": 4, "32": 8}`` bits)."""
+    def widths(op):
+        out: Dict[str, int] = {}
+        for t in loop:
+            head = t.split()[0]
+            if head.startswith(op + "."):
+                mods = head.split(".")[1:]
+                w = next((m for m in mods if m in ("64", "128", "U8", "S8", "U16", "S16")), "32")
+                w = {"U8": "8", "S8": "8", "U16": "16", "S16": "16"}.get(w, w)
+                out[w] = out.get(w, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    return {
+        "loop_instructions": len(loop),
+        "barriers": sum(1 for t in loop if t.startswith(("BAR.SYNC", "BAR.ARV"))),
+        "shuffles": sum(1 for t in loop if t.startswith("SHFL")),
+        "global_loads": widths("LDG"),
+        "global_stores": widths("STG"),
+    }
+
+
+def resident_ctas(target: str, registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Blocks one SM holds at once: registers (allocated per warp in units of 256), shared memory
+    (plus 1 KB per block), threads and the block limit."""
+    regs, smem, threads, blocks = SM_LIMITS[target]
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = (regs // per_warp) // num_warps
+    by_smem = smem // (shared_bytes + 1024)
+    return max(0, min(by_regs, by_smem, threads // (32 * num_warps), blocks))
 
 
 def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
@@ -90,10 +151,18 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     mma = re.findall(r"\b(HGMMA\.\S+|HMMA\.\S+)", sass)
     kinds = sorted(set(m.rstrip(";").split(" ")[0] for m in mma))
     tensor_core = ", ".join(f"{k} x{sum(1 for m in mma if m.startswith(k))}" for k in kinds) or "none"
+    registers, shared = field_("REG"), max(field_("SHARED"), int(compiled.metadata.shared))
+    counts = loop_counts(persistent_loop(sass))
+    cells = cfg.meta.get("cells_per_tile")
     return {
-        "registers": field_("REG"),
+        "registers": registers,
         "spill_bytes": field_("LOCAL") + field_("STACK"),
-        "shared_bytes": max(field_("SHARED"), int(compiled.metadata.shared)),
+        "shared_bytes": shared,
         "tensor_core": tensor_core,
         "sass_ldl_stl": len(re.findall(r"\b(LDL|STL)\b", sass)),
+        "resident_ctas": resident_ctas(target, registers, shared, cfg.num_warps),
+        **counts,
+        "warp_instructions_per_cell": counts["loop_instructions"] * cfg.num_warps / cells if cells else None,
+        "cubin": compiled.asm["cubin"],
+        "sass": sass,
     }

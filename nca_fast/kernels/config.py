@@ -77,6 +77,14 @@ def bytes_per_cell_update(spec: NCASpec, dtype: torch.dtype) -> int:
 
 
 # ---- the step ---------------------------------------------------------------------------------
+BW = 64  # interior cells per tile: one row segment; wgmma's M of one warpgroup
+BORDER_BW = 32  # ring cells per border tile (64 from 64 channels): fewer registers for the wrapped address math
+CHANNEL_CHUNK = 16  # input channels per perception pass (layer 1's K loop)
+W_RESIDENT_BYTES = 96 * 1024  # weights up to this size stay in shared memory for the whole launch
+_STATES = {"tf32": "fp32", "ieee": "fp32", "fp16": "fp16", "bf16": "bf16"}
+_PERC_T = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
+
+
 @dataclass(frozen=True)
 class StepConfig:
     """Everything that selects one compiled step kernel (constexprs) plus its launch shape."""
@@ -85,9 +93,9 @@ class StepConfig:
     CP: int
     HP: int
     F: int
-    NG: int  # filter groups of four
-    TAPS: Tuple[float, ...]  # [NG*4 filters][9 taps], zero padded
-    LOADS: Tuple[int, ...]  # [NG][9]: 0 nothing to load, 1 the neighbour's state, 2 only its alpha
+    TAPS: Tuple[float, ...]  # [F][9] taps / FSCALE[f]
+    FSCALE: Tuple[float, ...]  # [F] each filter's scale (a runtime argument; see step.py)
+    NEEDS: Tuple[int, ...]  # [9] 1 where some filter has a tap (the centre: the residual; all: alive pool)
     PAD: int
     APAD: int
     ALPHA: int
@@ -98,62 +106,94 @@ class StepConfig:
     H_CLAMP: bool
     U_CLAMP: bool
     S_CLAMP: bool
-    PRECISION: str
-    BH: int
+    PRECISION: str  # the dots' (config.kernel_precision)
+    STATE: str  # the state's dtype: "fp32", "fp16" or "bf16"
     BW: int
+    BORDER_BW: int
+    HC: int  # hidden units per chunk of the MLP
+    CC: int  # input channels per chunk of the perception
+    SPLIT: bool  # "ieee": three TF32 products with the weights' low parts packed (pack.pack_step)
     num_warps: int
-    # No software pipelining across the persistent loop's tiles: with 2 stages Triton double-buffers
-    # all nine neighbour loads and the weights in shared memory (160-680 KB: beyond a Hopper SM's
-    # 227 KB for the larger configurations); with 1 the growing model's step needs 8 KB.
-    num_stages: int = 1
+    W_RESIDENT: bool
+    num_stages: int = 1  # no software pipelining across tiles: nothing there to overlap it with
 
     def dot_constexprs(self) -> dict:
         dot_t, prec = dot_types(self.PRECISION)
         return dict(DOT_T=dot_t, PREC=prec)
 
-    def constexprs(self, pending: bool, has_mask: bool) -> dict:
-        d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "NG", "TAPS", "LOADS", "PAD", "APAD", "ALPHA", "ALIVE",
-                                           "HAS_B1", "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP",
-                                           "S_CLAMP", "BH", "BW")}
-        d.update(PENDING=pending and self.ALIVE, HAS_MASK=has_mask, **self.dot_constexprs())
+    def constexprs(self, pending: bool, has_mask: bool, interior: bool) -> dict:
+        d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "TAPS", "NEEDS", "PAD", "APAD", "ALPHA", "ALIVE",
+                                           "HAS_B1", "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP", "S_CLAMP",
+                                           "W_RESIDENT", "HC", "CC", "SPLIT")}
+        # 16-bit states compute perception in 16-bit pairs; the interpreter has no bf16 arithmetic
+        perc = "fp32" if self.STATE == "bf16" and interpreting() else self.STATE
+        d.update(PENDING=pending and self.ALIVE, HAS_MASK=has_mask, INTERIOR=interior, PERC_T=_PERC_T[perc],
+                 BW=self.tile(interior),
+                 FAST=not interpreting(), **self.dot_constexprs())
         return d
 
     def finalize_constexprs(self) -> dict:
-        return dict(C=self.C, CP=self.CP, ALPHA=self.ALPHA, PAD=self.PAD, APAD=self.APAD, BH=self.BH, BW=self.BW,
-                    **self.dot_constexprs())
+        return dict(C=self.C, CP=self.CP, ALPHA=self.ALPHA, APAD=self.APAD, BW=self.BW, **self.dot_constexprs())
+
+    def tile(self, interior: bool) -> int:
+        """Cells per tile of the interior or the border kernel."""
+        return self.BW if interior else self.BORDER_BW
+
+    def margin(self, pending: bool) -> int:
+        """How far from the border a tile of the interior kernel must stay: its neighbours, and in
+        the pending form their neighbours (the 5x5 alpha window)."""
+        return 2 if pending and self.ALIVE else 1
 
 
-def tile_shape(CP: int, HP: int) -> Tuple[int, int, int]:
-    """(BH, BW, num_warps): 32 cells along a row keep each channel's loads in whole 128-byte lines;
-    M = BH*BW cells are sized so the fp32 hidden accumulator [M, HP] stays at <= 64 registers per
-    thread (M*HP <= 64 * 32 * num_warps)."""
-    M = 128 if HP <= 128 else 64
-    if CP >= 64 and HP >= 128:
-        M = 64
-    num_warps = 4 if M * HP <= 8192 else 8
-    return M // 32, 32, num_warps
+def _filter_scale(taps) -> float:
+    """The factor a filter's taps are divided by: the largest |tap| (exactly a power of two for the
+    published filters, so the division is exact)."""
+    big = max([abs(v) for v in taps] + [0.0])
+    return big if big > 0 else 1.0
+
+
+def filter_scales(spec: NCASpec) -> Tuple[float, ...]:
+    return tuple(_filter_scale([v for row in f.taps for v in row]) for f in spec.filters)
+
+
+def hidden_chunks(hidden: int, CP: int, precision: str) -> Tuple[int, int]:
+    """(HC, HP): hidden units per MLP pass (a power of two) and the padded hidden width, a multiple
+    of it. Up to 128 units a pass (a [64, 128] fp32 accumulator is 64 registers a thread; 64 for 64
+    input channels in 16-bit: 2 CTAs, no spills, measured with ``nca-fast kernels``), and the
+    fewest padded units in at most 4 passes: hidden 96 runs as 3 x 32, not padded to 128 (but in
+    "ieee", whose every weight tile comes twice: more passes spill)."""
+    cap = 64 if CP >= 64 and precision in ("fp16", "bf16") else 128
+    best = None
+    sizes = (cap,) if precision == "ieee" else (cap, cap // 2, cap // 4)
+    for hc in sorted({min(c, pow2(hidden)) for c in sizes}, reverse=True):
+        n = -(-hidden // hc)
+        if n <= 4 or hc == min(cap, pow2(hidden)):
+            if best is None or n * hc < best[1]:
+                best = (hc, n * hc)
+    return best
 
 
 def step_config(spec: NCASpec, precision: str) -> StepConfig:
     """The step kernel configuration for ``spec`` with its MLP in ``precision``."""
-    CP, HP = pow2(spec.channels), pow2(spec.hidden)
-    BH, BW, warps = tile_shape(CP, HP)
-    NG = -(-spec.n_filters // 4)
-    taps = [float(v) for f in spec.filters for row in f.taps for v in row]
-    taps += [0.0] * (NG * 36 - len(taps))
-    alive = spec.alive_channel is not None
-    loads = []
-    for g in range(NG):
-        for k in range(9):
-            has_tap = any(taps[(4 * g + f) * 9 + k] != 0.0 for f in range(4))
-            loads.append(1 if has_tap else (2 if alive and g == 0 else 0))
+    kp = kernel_precision(precision)
+    CP = pow2(spec.channels)
+    HC, HP = hidden_chunks(spec.hidden, CP, kp)
+    fscale = filter_scales(spec)
+    taps = tuple(float(v) / fscale[n] for n, f in enumerate(spec.filters) for row in f.taps for v in row)
+    alive = spec.alive_channel is not None  # the alive pool reads all 9 neighbours
+    needs = tuple(int(alive or k == 4 or any(taps[f * 9 + k] != 0.0 for f in range(spec.n_filters)))
+                  for k in range(9))
+    elt = {"tf32": 4, "ieee": 8}.get(kp, 2)  # ieee: each fp32 matrix and its low part
+    weights = (spec.n_filters * CP * HP + HP * CP + 16 * HP) * elt
     return StepConfig(
-        C=spec.channels, CP=CP, HP=HP, F=spec.n_filters, NG=NG, TAPS=tuple(taps), LOADS=tuple(loads),
+        C=spec.channels, CP=CP, HP=HP, F=spec.n_filters, TAPS=taps, FSCALE=fscale, NEEDS=needs,
         PAD=PAD_CODES[spec.padding], APAD=APAD_CODES[spec.alive_pool_padding], ALPHA=spec.alive_channel if alive else 0,
         ALIVE=alive, HAS_B1=spec.hidden_bias, HAS_B2=spec.update_bias,
         P_CLAMP=spec.perception_clamp is not None, H_CLAMP=spec.hidden_clamp is not None,
         U_CLAMP=spec.update_clamp is not None, S_CLAMP=spec.state_clamp is not None,
-        PRECISION=kernel_precision(precision), BH=BH, BW=BW, num_warps=warps)
+        PRECISION=kp, STATE=_STATES[precision], BW=BW, BORDER_BW=BW if CP >= 64 else BORDER_BW, HC=HC,
+        CC=min(CP, CHANNEL_CHUNK), SPLIT=kp == "ieee", num_warps=4,
+        W_RESIDENT=weights <= W_RESIDENT_BYTES)
 
 
 # ---- the decoders -----------------------------------------------------------------------------

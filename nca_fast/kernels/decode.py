@@ -136,8 +136,8 @@ def pixel_shuffle_kernel(x, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_
                          C: tl.constexpr, CP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                          R: tl.constexpr, K: tl.constexpr, N: tl.constexpr, DH: tl.constexpr,
                          NPAD: tl.constexpr, NB: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """x [B, C, H, W] -> img [B, K, H*R, W*R]: one program per ``BH x BW`` tile of cells (grid
-    ``B * tiles_per_image``), the head of ``pixel_shuffle.py`` applied to the tile."""
+    """x [B, C, H, W] (channels-last) -> img [B, K, H*R, W*R]: one program per ``BH x BW`` tile of
+    cells (grid ``B * tiles_per_image``), the head of ``pixel_shuffle.py`` applied to the tile."""
     t = tl.program_id(0)
     b = t // tiles_per_image
     r = t % tiles_per_image
@@ -146,6 +146,7 @@ def pixel_shuffle_kernel(x, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_
     j = (r % n_tiles_w) * BW + m % BW
     valid = (i < H) & (j < W)
     chan = tl.arange(0, CP)
-    xs = tl.load(x + (b * C + chan[None, :]).to(tl.int64) * H * W + (i * W + j)[:, None],
+    xs = tl.load(x + ((b * H + i) * W + j).to(tl.int64)[:, None] * C + chan[None, :],
                  mask=valid[:, None] & (chan[None, :] < C), other=0.0).to(tl.float32)
-    pixel_shuffle_out(xs, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB, DOT_T, PREC)
+    pixel_shuffle_out(xs, b + m * 0, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
+                      DOT_T, PREC)

@@ -1,7 +1,8 @@
-"""Launchers: a spec (or configuration), packed weights and tensors in, one kernel launch out.
+"""Launchers: a spec (or configuration), packed weights and tensors in, kernel launches out.
 
-Nothing here allocates state buffers or knows about modules; the op (``op.py``), the rollouts
-(``rollout.py``) and the decode dispatch (``nca_fast.decoders.decode``) own the buffers.
+State tensors are ``[B, C, H, W]`` in channels-last memory (``torch.channels_last``). Nothing here
+allocates state buffers or knows about modules; the op (``op.py``), the rollouts (``rollout.py``)
+and the decode dispatch (``nca_fast.decoders.decode``) own the buffers.
 """
 from __future__ import annotations
 
@@ -46,54 +47,83 @@ def _clamp_args(spec: NCASpec):
     return out
 
 
-def _tiles(cfg: StepConfig, shape) -> Tuple[int, int, int]:
-    B, _, H, W = shape
-    n_tw, n_th = -(-W // cfg.BW), -(-H // cfg.BH)
-    return n_tw, n_th * n_tw, B * n_th * n_tw
+def _check_channels_last(*states) -> None:
+    for s in states:
+        if not s.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"the fused kernels take channels-last states, got strides {s.stride()} for "
+                             f"shape {tuple(s.shape)}")
+
+
+def regions(cfg: StepConfig, H: int, W: int, pending: bool) -> Tuple[int, int, int, int]:
+    """(top, bot, left, right): the interior rectangle, the cells ``margin`` or more from the border,
+    which the interior kernel steps in row tiles of ``BW`` (each row's last tile ends at ``right``,
+    overlapping the one before); empty (top = bot = H) when the grid is too small for one tile."""
+    m = cfg.margin(pending)
+    if H - 2 * m < 1 or W - 2 * m < cfg.BW:
+        return H, H, 0, W
+    return m, H - m, m, W - m
+
+
+def interior_tiles(cfg: StepConfig, B: int, top: int, bot: int, left: int, right: int) -> int:
+    return B * (bot - top) * -(-(right - left) // cfg.BW)
 
 
 def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_pre, ctr, *,
                 step_offset: int = 0, origin=(0, 0), batch_offset: int = 0, fire_rate: float,
                 update_mask: Optional[torch.Tensor] = None, pending: bool = False,
                 head: Optional[HeadConfig] = None, head_weights=(), image=None) -> None:
-    """One fused step ``src -> dst`` (and alive ``dst_pre`` for alive models). ``pending``: src is
-    in the pending form (see kernels/step.py) with its alive bytes in ``src_pre``. ``head`` (models
-    without alive masks only) also decodes ``dst`` into ``image`` in the same pass."""
+    """One fused step ``src -> dst`` (channels-last ``[B, C, H, W]`` tensors; ``dst_pre`` the alive
+    bytes of alive models): the interior kernel, then the border kernel. ``pending``: src is in the
+    pending form (see step.py) with its alive bytes in ``src_pre``. ``head`` (models without alive
+    masks only) also decodes ``dst`` into ``image`` in the same pass."""
     if head is not None and cfg.ALIVE:
         raise ValueError("an alive model's frame is decoded by launch_finalize (its true state)")
-    H, W = src.shape[2], src.shape[3]
-    n_tw, per_image, n_tiles = _tiles(cfg, src.shape)
-    w1, b1, w2, b2 = packed
+    _check_channels_last(src, dst)
+    B, _, H, W = src.shape
+    top, bot, left, right = regions(cfg, H, W, pending)
+    w1, wb, w2, b2, fscale = packed
+    want = (2 if cfg.SPLIT else 1) * cfg.F * cfg.CP * cfg.HP
+    if w1.numel() != want:
+        raise ValueError(f"packed w1 holds {w1.numel()} values, the {cfg.PRECISION} step kernel reads {want}: "
+                         "weights packed (pack.pack_step) for another precision or model")
     dummy = dst_pre if dst_pre is not None else ctr
     mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else dummy
     dec_args = (image, *head_weights) if head is not None else (dummy,) * 5
-    programs = grid_programs(n_tiles, src.device)
-    nca_step_kernel[(programs,)](
-        src, src_pre if src_pre is not None else dummy, dst, dst_pre if dst_pre is not None else dummy,
-        mask, ctr, w1, b1, w2, b2, *dec_args,
-        H, W, n_tw, per_image, n_tiles, -(-n_tiles // programs),
-        step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset), rng.fire_threshold(fire_rate),
-        float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.constexprs(pending, update_mask is not None),
-        **(dict(DECODE=True, **head.constexprs()) if head is not None else {}))
+    head_ce = dict(DECODE=True, **head.constexprs()) if head is not None else {}
+    ring = top * W + (H - bot) * W + (bot - top) * (left + W - right)
+    n_interior, n_ring = interior_tiles(cfg, B, top, bot, left, right), B * ring
+    for interior, n_items, n_tiles in ((True, n_interior, n_interior),
+                                       (False, n_ring, -(-n_ring // cfg.BORDER_BW))):
+        if n_tiles == 0:
+            continue
+        programs = grid_programs(n_tiles, src.device)
+        nca_step_kernel[(programs,)](
+            src, src_pre if src_pre is not None else dummy, dst, dst_pre if dst_pre is not None else dummy,
+            mask, ctr, w1, wb, w2, b2, fscale, *dec_args,
+            H, W, n_items, -(-n_tiles // programs), top, bot, left, right,
+            step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset), rng.fire_threshold(fire_rate),
+            float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **cfg.constexprs(pending, update_mask is not None, interior), **head_ce)
 
 
 def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Optional[HeadConfig] = None,
                     head_weights=(), image=None) -> None:
     """Pending form ``(src, src_pre)`` -> the true state in ``dst`` (and its frame with ``head``)."""
-    H, W = src.shape[2], src.shape[3]
-    n_tw, per_image, n_tiles = _tiles(cfg, src.shape)
+    _check_channels_last(src, dst)
+    B, _, H, W = src.shape
+    n_items = B * H * W
+    n_tiles = -(-n_items // cfg.BW)
     dec_args = (image, *head_weights) if head is not None else (dst,) * 5
     programs = grid_programs(n_tiles, src.device)
     nca_finalize_kernel[(programs,)](
-        src, src_pre, dst, *dec_args, H, W, n_tw, per_image, n_tiles, -(-n_tiles // programs),
-        float(spec.alive_threshold), **cfg.finalize_constexprs(),
-        num_warps=4 if head is None else cfg.num_warps, num_stages=cfg.num_stages,
+        src, src_pre, dst, *dec_args, H, W, n_items, -(-n_tiles // programs), float(spec.alive_threshold),
+        **cfg.finalize_constexprs(), num_warps=4 if head is None else cfg.num_warps, num_stages=cfg.num_stages,
         **(dict(DECODE=True, **head.constexprs()) if head is not None else {}))
 
 
 def launch_pixel_shuffle(head: HeadConfig, head_weights, precision: str, x: torch.Tensor, image: torch.Tensor) -> None:
-    """Decode ``x [B, C, H, W]`` (float32, contiguous) into ``image [B, K, H*R, W*R]``."""
+    """Decode ``x [B, C, H, W]`` (float32, channels-last) into ``image [B, K, H*R, W*R]``."""
     B, C, H, W = x.shape
     BH, BW, warps = PS_DECODE_TILE
     n_tw, n_th = -(-W // BW), -(-H // BH)

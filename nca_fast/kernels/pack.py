@@ -8,7 +8,7 @@ from typing import Callable, Dict, Mapping, NamedTuple, Tuple
 import torch
 
 from ..spec import NCASpec
-from .config import LPPN_HIDDEN_SIZES, HeadConfig, pow2
+from .config import LPPN_HIDDEN_SIZES, HeadConfig, filter_scales, hidden_chunks, pow2
 
 _DOT_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -34,21 +34,34 @@ def cached(owner: torch.nn.Module, key: tuple, pack: Callable[[], object]):
     return cache[full]
 
 
+def _tf32_split(w: torch.Tensor) -> torch.Tensor:
+    """[2, *w.shape]: w's TF32 part (low 13 mantissa bits cleared) and the exact remainder."""
+    hi = (w.view(torch.int32) & -8192).view(torch.float32)
+    return torch.stack([hi, w - hi])
+
+
 def pack_step(params: Mapping[str, torch.Tensor], spec: NCASpec, precision: str, device):
-    """Step weights: w1 [F, CP, HP] and w2 [HP, CP] in the dot dtype (zero padded), biases fp32."""
-    C, F_, CP, HP = spec.channels, spec.n_filters, pow2(spec.channels), pow2(spec.hidden)
+    """Step weights: w1 [F, CP, HP], the bias block wb [16, HP] (row 0: b1, multiplied by a column
+    of ones on the tensor cores) and w2 [HP, CP] in the dot dtype, zero padded (HP: see
+    config.hidden_chunks; for "ieee" each as [2, ...]: its TF32 part, then the remainder, see
+    step._mma); b2 [CP] and the filter scales [F] in fp32."""
+    C, F_, CP = spec.channels, spec.n_filters, pow2(spec.channels)
+    HP = hidden_chunks(spec.hidden, CP, precision)[1]
     wdt = dot_dtype(precision)
     w1 = torch.zeros(F_, CP, HP, dtype=wdt, device=device)
     w1[:, :C, :spec.hidden] = params["w1"].detach().t().reshape(F_, C, spec.hidden)
     w2 = torch.zeros(HP, CP, dtype=wdt, device=device)
     w2[:spec.hidden, :C] = params["w2"].detach().t()
-    b1 = torch.zeros(HP, dtype=torch.float32, device=device)
+    wb = torch.zeros(16, HP, dtype=wdt, device=device)
     b2 = torch.zeros(CP, dtype=torch.float32, device=device)
     if "b1" in params:
-        b1[:spec.hidden] = params["b1"].detach()
+        wb[0, :spec.hidden] = params["b1"].detach()
     if "b2" in params:
         b2[:C] = params["b2"].detach()
-    return w1, b1, w2, b2
+    fscale = torch.tensor(filter_scales(spec), dtype=torch.float32, device=device)
+    if precision == "ieee":
+        w1, wb, w2 = (_tf32_split(w) for w in (w1, wb, w2))
+    return w1, wb, w2, b2, fscale
 
 
 class PackedHead(NamedTuple):

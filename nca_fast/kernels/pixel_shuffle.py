@@ -13,7 +13,8 @@ def pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
                       CP: tl.constexpr, R: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
                       DH: tl.constexpr, NPAD: tl.constexpr, NB: tl.constexpr, DOT_T: tl.constexpr,
                       PREC: tl.constexpr):
-    """Decode ``t [M, CP]`` (cells (b, i, j), stored where ``valid``) into ``img [B, K, H*R, W*R]``.
+    """Decode ``t [M, CP]`` (cells (b, i, j), [M] each, stored where ``valid``) into
+    ``img [B, K, H*R, W*R]``.
 
     Head (packed by ``nca_fast.kernels.pack.pack_pixel_shuffle``): ``DH > 0``:
     relu(t @ dw0 [CP, DH] + db0) @ dw1 [DH, NPAD] + db1, else t @ dw1 [CP, NPAD] + db1. Output
@@ -35,6 +36,6 @@ def pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
         k = n // (R * R)
         ii = (n % (R * R)) // R
         jj = n % R
-        off = (b * K + k[None, :]).to(tl.int64) * H * R * Wo + (i[:, None] * R + ii[None, :]) * Wo \
+        off = (b[:, None] * K + k[None, :]).to(tl.int64) * H * R * Wo + (i[:, None] * R + ii[None, :]) * Wo \
             + j[:, None] * R + jj[None, :]
         tl.store(img + off, o.to(img.dtype.element_ty), mask=valid[:, None] & (n < N)[None, :])

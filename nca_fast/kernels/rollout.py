@@ -1,8 +1,9 @@
 """Fused rollouts: state buffers allocated once, one launch per step, CUDA-graph capturable.
 
-Two state buffers ping-pong and, for alive models, two mask-byte buffers hold the pending form
-(``step.py``); a frame costs one more launch (``finalize``) for alive models. The seed and the base
-step live in a device tensor, so a captured graph replays with new values.
+Two channels-last state buffers ping-pong and, for alive models, two mask-byte buffers hold the
+pending form (``step.py``); a frame costs one more launch (``finalize``) for alive models. An input
+is converted to channels-last once per rollout, not per step. The seed and the base step live in a
+device tensor, so a captured graph replays with new values.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ class FusedRollout:
         self.cfg = step_config(spec, precision)
         self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
         self.ctr = torch.zeros(2, dtype=torch.int64, device=device)
-        self.bufs = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
+        self.bufs = [torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+                     for _ in range(2)]
         B, _, H, W = shape
         self.pres = ([torch.empty(B, H, W, dtype=torch.uint8, device=device) for _ in range(2)]
                      if self.cfg.ALIVE else [None, None])
@@ -99,7 +101,7 @@ class FusedRollout:
 
     def _static_input(self):
         if self.x is None:
-            self.x = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.x = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
         if self.out is None:
             self.out = torch.empty_like(self.x)
         return self.x
@@ -131,7 +133,7 @@ def fused_stream(r: FusedRollout, x: torch.Tensor, *, seed: int, start_step: int
     """Stream the rollout ``r`` from ``x``: ``(steps_done, state, image)`` after every ``every``-th
     step (one ``finalize`` per frame for alive models); the yielded tensors are reused."""
     r.set_counters(seed, start_step)
-    src, src_pre = x.contiguous(), None
+    src, src_pre = x.contiguous(memory_format=torch.channels_last), None  # once per rollout
     for k in range(r.steps):
         frame = (k + 1) % every == 0
         src, src_pre = r.launch(k, src, src_pre, frame)

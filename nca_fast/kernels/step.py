@@ -1,28 +1,47 @@
 """The fused NCA step: perception + MLP + stochastic mask + alive masks + residual, one pass per step.
 
+The state is channels-last (``[B, H, W, C]`` in memory): a cell's channels are one or two 128-bit
+loads. Each step is two launches of ``nca_step_kernel`` over disjoint cells: the *interior* (row
+tiles of ``BW`` = 64 cells whose neighbourhood, ``margin`` cells, lies inside the grid: no padding
+logic, neighbour addresses a constant apart; each row's last tile ends at the interior's edge and may
+overlap the one before) and the *border* ring (every other cell, in tiles of 32 ring cells: wrapped
+or masked addresses per padding mode; 3 % of a 256^2 grid, 0.8 % of 1024^2). Each launch is a persistent grid of
+programs that stage the weights in shared memory once.
+
 Per cell-update (growing model, C=16, F=3 filters, hidden 128):
-  * bytes: the state is read once and written once, C * 4 B each in fp32 (128 B per cell-update),
-    C * 2 B each in fp16/bf16 (64 B); alive models add one mask byte read + one written. Neighbour
-    loads (9 taps, the 5x5 alpha window) are re-reads of cache lines another cell of the tile already
-    brought in: they cost L1/L2 bandwidth, not DRAM.
-  * FLOPs: MLP 2 * (F*C*hidden + hidden*C) = 16,384 on tensor cores (``tl.dot``: one K=C dot per
-    filter, so K=48 is never padded to 64), perception 2 * 9 * F*C at most (zero taps are skipped at
-    compile time: 2 * 13 * C = 416 for identity + Sobel).
-On an H100 (~3.0 TB/s measured copy bandwidth) the memory floor is ~23-26 G cell-updates/s for an
-fp32 state and twice that for 16-bit; the TF32 MLP alone would allow ~30 G/s, the FP32 units ~4 G/s.
+  * bytes from DRAM: the state read once and written once, C * 4 B each in fp32 (128 B), C * 2 B
+    in fp16/bf16 (64 B); alive models add a mask byte read and one written. The 9 neighbour loads and
+    the 25 alpha loads of the alive window re-read lines the tile's own cells bring in (L1/L2).
+  * FLOPs: MLP 2 * (16 + F*C) * hidden + 2 * hidden * C = 20,480 on tensor cores (``tl.dot``: the
+    bias as one more K=16 block of ones, one K=C block per filter), perception 2 * C per nonzero tap
+    (13 taps for identity + Sobel: 416), on CUDA cores in the state's precision (16-bit pairs).
+On an H100 (~3.0 TB/s measured copy bandwidth) the memory floor is ~23 G cell-updates/s for an fp32
+state and ~46 G for 16-bit; the MLP on TF32 tensor cores (~495 TFLOP/s dense) allows ~24 G, on fp16
+tensor cores ~48 G.
 
 The post-update alive mask needs the *updated* alpha of the neighbours, which other programs are
-computing concurrently. Instead of recomputing the MLP on a one-cell border (Triton cannot shift
-register tiles, so the border's result could not reach its neighbours without a round trip through
-memory anyway), an alive model is kept in a *pending* form between steps:
+computing concurrently. An alive model is therefore kept in a *pending* form between steps:
 
     stored  y   = clamp(x + dx * fire)                 (the state before the alive masks)
     stored  pre = alive(x)                             (one byte per cell)
     true state  = y * (pre & alive(y))                 alive(z) = maxpool3x3(z[alpha]) > threshold
 
-The next step materialises the true state of each neighbour it reads on the fly (a 3x3 max over the
-stored alpha: the 5x5 alpha window is in cache), so every step is still one launch that reads and
-writes the state once; a rollout ends with one ``finalize`` launch. No MLP work is repeated.
+The next step materialises the true state of each neighbour it reads: interior tiles get the 9
+neighbours' pools as separable 3x3 maxima over the 25 alpha values of the 5x5 window (row maxima,
+then column maxima), border tiles pool each neighbour's 3x3 directly (its padding may differ); the
+9 decisions are packed into one int32 per cell, so every step is one pass that reads and writes the
+state once; a rollout ends with one ``finalize``.
+
+Masks multiply (``x * keep``, ``dx * fire``) and every min / max keeps NaN, so a NaN spreads exactly
+as in the reference (to the 3x3 neighbourhood each step).
+
+Registers decide the speed (2-4 resident CTAs of 4 warps need <= 168 / 128 per thread): each
+neighbour is added into the F perception tiles as it arrives (F + 1 tiles live, not 9); wide models
+run the perception in chunks of CC = 16 channels (the K loop of layer 1) and the hidden layer in
+chunks of HC units; the bias dot is issued after the perception, so its accumulator does not occupy
+registers while the loads are in flight. Multiplying each perception tile by its runtime filter scale
+keeps Triton from converting every neighbour load to the dot-operand layout (a shared-memory round
+trip and two barriers each). ``nca-fast kernels`` reports the result per configuration.
 """
 from __future__ import annotations
 
@@ -31,39 +50,53 @@ import triton.language as tl
 
 from .pixel_shuffle import pixel_shuffle_out
 
-
-@triton.jit
-def _wrap(i, n, PAD: tl.constexpr):
-    """Map a (possibly outside) coordinate into [0, n) by the padding mode; zeros clamps (the
-    caller masks the load) so that every address stays inside the tensor."""
-    if PAD == 1:
-        return ((i % n) + n) % n
-    else:
-        return tl.minimum(tl.maximum(i, 0), n - 1)
+NAN = tl.constexpr(tl.PropagateNan.ALL)  # every min / max keeps NaN, as torch does
 
 
 @triton.jit
 def _clamp(v, lo, hi):
     """clamp(v, lo, hi) that keeps NaN (as torch.clamp; a GPU's plain min/max would drop it)."""
-    return tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(tl.maximum(v, lo, propagate_nan=NAN), hi, propagate_nan=NAN)
 
 
 @triton.jit
-def _tile(it, n_tiles, tiles_per_image, n_tiles_w, H, W, BH: tl.constexpr, BW: tl.constexpr):
-    """Round ``it`` of the persistent loop: this program's tile (tiles pid, pid + nprog, ...) as
-    (image b, rows i [M], columns j [M], valid [M]). Cells past the grid's edge are clamped onto it
-    (they compute a duplicate that is stored nowhere); in the last round a program left without a
-    tile redoes the last one with every row pushed past H, so it stores nothing."""
-    m = tl.arange(0, BH * BW)
-    t = tl.program_id(0) + it * tl.num_programs(0)
-    spare = tl.where(t < n_tiles, 0, H)
-    t = tl.minimum(t, n_tiles - 1)
-    b = t // tiles_per_image
-    r = t % tiles_per_image
-    i = (r // n_tiles_w) * BH + m // BW + spare
-    j = (r % n_tiles_w) * BW + m % BW
-    valid = (i < H) & (j < W)
-    return b, tl.minimum(i, H - 1), tl.minimum(j, W - 1), valid
+def _relu_to(h, DOT_T: tl.constexpr, FAST: tl.constexpr):
+    """relu(h) in the dot dtype. FAST (GPU, 16-bit): one ``cvt.rn.relu`` per pair of values, which
+    rounds, clamps and keeps NaN in one instruction (the interpreter cannot run inline PTX)."""
+    if FAST and DOT_T == tl.float16:
+        return tl.inline_asm_elementwise("cvt.rn.relu.f16x2.f32 $0, $2, $1;", "=r,r,r", [h],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    elif FAST and DOT_T == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.rn.relu.bf16x2.f32 $0, $2, $1;", "=r,r,r", [h],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return tl.maximum(h, 0.0, propagate_nan=NAN).to(DOT_T)
+
+
+@triton.jit
+def _mma(a, b, b_lo, acc, SPLIT: tl.constexpr, A_EXACT: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b. SPLIT ("ieee"): about fp32 accuracy from three TF32 products, a_hi b + a_hi b_lo +
+    a_lo b with a = a_hi + a_lo split here (a_lo = 0 when A_EXACT) and b_lo = b - tf32(b) packed on
+    the host, so that no weight is split per tile (Triton's tf32x3 does, and spills)."""
+    if SPLIT:
+        a_hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        if not A_EXACT:
+            acc = tl.dot(a - a_hi, b, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _wrap(i, n, PAD: tl.constexpr):
+    """Map a (possibly outside) coordinate into [0, n): PAD 1 wraps, else clamps (zero padding masks
+    the load, replicate padding reads the clamped cell)."""
+    if PAD == 1:
+        return ((i % n) + n) % n
+    else:
+        return tl.minimum(tl.maximum(i, 0), n - 1)
 
 
 @triton.jit
@@ -72,236 +105,382 @@ def _inside(i, j, H, W):
 
 
 @triton.jit
-def _keep(src, pre, i, j, H, W, HW, ALPHA: tl.constexpr, threshold, APAD: tl.constexpr):
-    """Pending form -> alive decision of in-grid cells (i, j): pre & (maxpool3x3(y_alpha) > thr),
-    the pool padded by APAD (0: outside cells ignored, 1: circular, 2: replicate)."""
+def _ring_cells(q, H, W, top, bot, left, right):
+    """Ring cell ``q`` of one image -> (row, column): rows above ``top``, rows from ``bot``, then the
+    columns left of ``left`` and from ``right`` of the rows in between."""
+    n_top = top * W
+    n_bot = (H - bot) * W
+    side = tl.maximum(left + W - right, 1)
+    in_top = q < n_top
+    in_bot = (q >= n_top) & (q < n_top + n_bot)
+    qb = q - n_top
+    u = tl.maximum(q - n_top - n_bot, 0)
+    s = u % side
+    i = tl.where(in_top, q // W, tl.where(in_bot, bot + qb // W, top + u // side))
+    j = tl.where(in_top, q % W, tl.where(in_bot, qb % W, tl.where(s < left, s, right + s - left)))
+    return i, j
+
+
+@triton.jit
+def _keep_at(src, pre, cell, i, j, H, W, C: tl.constexpr, ALPHA: tl.constexpr, threshold,
+             APAD: tl.constexpr, ok):
+    """Pending form -> the alive decision of the in-grid cells ``cell`` = (i, j):
+    pre & (maxpool3x3(y_alpha) > threshold), the pool padded by APAD (0: outside ignored, 1: circular,
+    2: replicate). Border tiles only; the interior uses the separable window."""
     post = tl.full(i.shape, float("-inf"), tl.float32)
-    for m in tl.static_range(9):
+    for m in range(9):  # a loop, not unrolled: else the compiler hoists all 81 loads of a border tile
         mi = i + (m // 3 - 1)
         mj = j + (m % 3 - 1)
-        a = tl.load(src + ALPHA * HW + _wrap(mi, H, APAD) * W + _wrap(mj, W, APAD),
-                    mask=_inside(mi, mj, H, W) | (APAD != 0), other=float("-inf"))
-        post = tl.maximum(post, a.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
-    return (post > threshold) & (tl.load(pre + i * W + j) != 0)
+        a = tl.load(src + ((cell // W - i + _wrap(mi, H, APAD)) * W + _wrap(mj, W, APAD)) * C + ALPHA,
+                    mask=ok & (_inside(mi, mj, H, W) | (APAD != 0)), other=float("-inf"))
+        post = tl.maximum(post, a.to(tl.float32), propagate_nan=NAN)
+    return (post > threshold) & (tl.load(pre + cell, mask=ok, other=0) != 0)
 
 
 @triton.jit
-def _alpha_window(src, i, j, H, W, HW, ALPHA: tl.constexpr, APAD: tl.constexpr):
-    """The stored alpha on the 5x5 window around each cell, ``[M, 32]`` (entry 5*r + c is the
-    offset (r-2, c-2); -inf outside the grid under zero padding and in the 7 padding columns).
-    One gather instead of 9 per neighbour: every neighbour's 3x3 pool is a sub-window of it."""
-    w = tl.arange(0, 32)
-    wi = i[:, None] + (w[None, :] // 5 - 2)
-    wj = j[:, None] + (w[None, :] % 5 - 2)
-    ok = (_inside(wi, wj, H, W) | (APAD != 0)) & (w[None, :] < 25)
-    a = tl.load(src + ALPHA * HW + _wrap(wi, H, APAD) * W + _wrap(wj, W, APAD), mask=ok, other=float("-inf"))
-    return a.to(tl.float32)
+def _window_row(rowp, off, C: tl.constexpr):
+    """The 3-wide maxima of one row of the 5x5 alpha window (``rowp + off`` is column -2): columns
+    (-2..0), (-1..1), (0..2) around each cell."""
+    a0 = tl.load(rowp + off).to(tl.float32)
+    a1 = tl.load(rowp + off + C).to(tl.float32)
+    a2 = tl.load(rowp + off + 2 * C).to(tl.float32)
+    a3 = tl.load(rowp + off + 3 * C).to(tl.float32)
+    a4 = tl.load(rowp + off + 4 * C).to(tl.float32)
+    m12 = tl.maximum(a1, a2, propagate_nan=NAN)
+    m23 = tl.maximum(a2, a3, propagate_nan=NAN)
+    return tl.maximum(a0, m12, propagate_nan=NAN), tl.maximum(m12, a3, propagate_nan=NAN), \
+        tl.maximum(m23, a4, propagate_nan=NAN)
 
 
 @triton.jit
-def _keep_in_window(window, pre, ii, jj, W, k: tl.constexpr, threshold):
-    """Alive decision of neighbour k (offset (k//3-1, k%3-1)), at in-grid cells (ii, jj), from the
-    5x5 window: its 3x3 pool is window rows k//3 .. k//3+2, columns k%3 .. k%3+2. Exact when the
-    perception and the alive pool pad alike, zero or circular (a replicate-padded neighbour pools
-    around its clamped position, a wrapped one around its wrapped position: see _keep)."""
-    w = tl.arange(0, 32)
-    r = w // 5 - k // 3
-    c = w % 5 - k % 3
-    sel = (r >= 0) & (r < 3) & (c >= 0) & (c < 3) & (w < 25)
-    post = tl.max(tl.where(sel[None, :], window, float("-inf")), axis=1)
-    return (post > threshold) & (tl.load(pre + ii * W + jj) != 0)
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=NAN)
 
 
 @triton.jit
-def _load_state(src, pre, i, j, chan, H, W, HW, threshold, C: tl.constexpr, ALPHA: tl.constexpr,
-                PAD: tl.constexpr, APAD: tl.constexpr, PENDING: tl.constexpr):
-    """The true state at cells (i, j) (any coordinates; padding applied), fp32 ``[M, CP]``."""
-    ii = _wrap(i, H, PAD)
-    jj = _wrap(j, W, PAD)
-    ok = _inside(i, j, H, W) | (PAD != 0)
-    x = tl.load(src + chan[None, :] * HW + (ii * W + jj)[:, None],
-                mask=ok[:, None] & (chan[None, :] < C), other=0.0).to(tl.float32)
-    if PENDING:
-        x = x * _keep(src, pre, ii, jj, H, W, HW, ALPHA, threshold, APAD).to(tl.float32)[:, None]
-    return x
+def _max3(a, b, c):
+    return tl.maximum(tl.maximum(a, b, propagate_nan=NAN), c, propagate_nan=NAN)
 
 
 @triton.jit
-def _layer1(p, w1, f: tl.constexpr, acc, chan, hid, CP: tl.constexpr, HP: tl.constexpr,
-            P_CLAMP: tl.constexpr, p_lo, p_hi, DOT_T: tl.constexpr, PREC: tl.constexpr):
-    """acc += clamp(p) @ w1[f]: perception of filter f [M, CP] times its weight block [CP, HP]."""
-    if P_CLAMP:
-        p = _clamp(p, p_lo, p_hi)
-    wf = tl.load(w1 + f * CP * HP + chan[:, None] * HP + hid[None, :])
-    return tl.dot(p.to(DOT_T), wf, acc, input_precision=PREC)
+def _interior_keeps(src_tile, pre_tile, W, m, C: tl.constexpr, ALPHA: tl.constexpr, threshold):
+    """Pending form, interior tile: bit k (= 3*(dy+1) + (dx+1)) of the result says whether neighbour
+    (dy, dx) of each cell is alive, from the 5x5 alpha window by separable maxima."""
+    ap = src_tile + m * C + ALPHA - 2 * W * C - 2 * C
+    rows = (_window_row(ap, 0, C), _window_row(ap, W * C, C), _window_row(ap, 2 * W * C, C),
+            _window_row(ap, 3 * W * C, C), _window_row(ap, 4 * W * C, C))
+    pp = pre_tile + m
+    bits = tl.zeros(m.shape, tl.int32)
+    for kr in tl.static_range(3):  # neighbour (kr - 1, kc - 1): window rows kr..kr+2, columns kc..kc+2
+        for kc in tl.static_range(3):
+            post = _max3(rows[kr][kc], rows[kr + 1][kc], rows[kr + 2][kc])
+            keep = (post > threshold) & (tl.load(pp + (kr - 1) * W + (kc - 1)) != 0)
+            bits = bits | (keep.to(tl.int32) << (3 * kr + kc))
+    return bits
+
+
+@triton.jit
+def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, chc, C: tl.constexpr,
+              CP: tl.constexpr, CC: tl.constexpr, BW: tl.constexpr, F: tl.constexpr, TAPS: tl.constexpr,
+              NEEDS: tl.constexpr, PAD: tl.constexpr, ALPHA: tl.constexpr, PENDING: tl.constexpr,
+              INTERIOR: tl.constexpr, TRACK: tl.constexpr, P_CLAMP: tl.constexpr, PERC_T: tl.constexpr,
+              DOT_T: tl.constexpr):
+    """Perception of channels ``chc`` (one chunk of CC) of a tile -> (F tiles [BW, CC] in the dot
+    dtype, scaled and clamped; the centre [BW, CC] in fp32; with TRACK the pre-update pool [BW]).
+    Each neighbour is added into the F tiles as it arrives: F + 1 tiles live, not 9. The pending
+    form's neighbours are materialised by ``bits`` (bit k: neighbour k alive)."""
+    ps = ()
+    for _ in tl.static_range(F):
+        ps = ps + (tl.zeros((BW, CC), PERC_T),)
+    alpha_max = tl.full((BW, CC), float("-inf"), PERC_T)
+    x = tl.zeros((BW, CC), tl.float32)
+    for k in tl.static_range(9):
+        if NEEDS[k]:
+            if INTERIOR:
+                nb = tile + ((k // 3 - 1) * W + (k % 3 - 1)) * C + m[:, None] * C + chc[None, :]
+                if CP == C:
+                    xk = tl.load(nb)
+                else:
+                    xk = tl.load(nb, mask=chc[None, :] < C, other=0.0)
+            else:
+                ni = ii + (k // 3 - 1)
+                nj = j + (k % 3 - 1)
+                ok = valid & (_inside(ni, nj, H, W) | (PAD != 0))
+                ncell = (bb * H + _wrap(ni, H, PAD)) * W + _wrap(nj, W, PAD)
+                xk = tl.load(src + ncell[:, None] * C + chc[None, :], mask=ok[:, None] & (chc[None, :] < C), other=0.0)
+            xk = xk.to(PERC_T)
+            if PENDING:
+                xk = xk * (((bits >> k) & 1) != 0).to(PERC_T)[:, None]
+            if TRACK:
+                alpha_max = tl.maximum(alpha_max, tl.where(chc[None, :] == ALPHA, xk, float("-inf")),
+                                       propagate_nan=NAN)
+            if k == 4:
+                x = xk.to(tl.float32)
+            nps = ()
+            for f in tl.static_range(F):
+                if TAPS[f * 9 + k] == 0.0:
+                    nps = nps + (ps[f],)
+                elif TAPS[f * 9 + k] == 1.0:
+                    nps = nps + (ps[f] + xk,)
+                elif TAPS[f * 9 + k] == -1.0:
+                    nps = nps + (ps[f] - xk,)
+                else:
+                    nps = nps + (ps[f] + TAPS[f * 9 + k] * xk,)
+            ps = nps
+    pool = tl.full((BW,), float("-inf"), tl.float32)
+    if TRACK:
+        pool = tl.reduce(alpha_max, 1, _max_nan).to(tl.float32)
+    pts = ()
+    for f in tl.static_range(F):
+        pf = ps[f] * tl.load(fscale + f).to(PERC_T)
+        if P_CLAMP:
+            pf = _clamp(pf, tl.cast(p_lo, PERC_T), tl.cast(p_hi, PERC_T))
+        pts = pts + (pf.to(DOT_T),)
+    return pts, x, pool
 
 
 @triton.jit
 def nca_step_kernel(
-    src, src_pre, dst, dst_pre, fire_mask, ctr,  # state in/out [B, C, H, W]; masks u8 [B, H, W]
-    w1, b1, w2, b2,  # packed: w1 [F, CP, HP], b1 [HP] fp32, w2 [HP, CP], b2 [CP] fp32
+    src, src_pre, dst, dst_pre, fire_mask, ctr,  # state in/out [B, H, W, C]; masks u8 [B, H, W]
+    w1, wb, w2, b2, fscale,  # packed (pack.pack_step): w1 [F, CP, HP], wb [16, HP], w2 [HP, CP]; b2, fscale
     img, dw0, db0, dw1, db1,  # DECODE: the frame [B, K, H*R, W*R] and the pixel-shuffle head
-    H, W, n_tiles_w, tiles_per_image, n_tiles, tiles_per_program,
+    H, W, n_items, items_per_program, top, bot, left, right,
     step_offset, row0, col0, batch0, fire_threshold, threshold, step_size,
     p_lo, p_hi, h_lo, h_hi, u_lo, u_hi, s_lo, s_hi,
-    C: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, F: tl.constexpr, NG: tl.constexpr,
-    TAPS: tl.constexpr, LOADS: tl.constexpr,
-    PAD: tl.constexpr, APAD: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr, PENDING: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    C: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, F: tl.constexpr, TAPS: tl.constexpr,
+    NEEDS: tl.constexpr, PAD: tl.constexpr, APAD: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr,
+    PENDING: tl.constexpr, HAS_MASK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     P_CLAMP: tl.constexpr, H_CLAMP: tl.constexpr, U_CLAMP: tl.constexpr, S_CLAMP: tl.constexpr,
-    DOT_T: tl.constexpr, PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    DOT_T: tl.constexpr, PREC: tl.constexpr, PERC_T: tl.constexpr, FAST: tl.constexpr,
+    BW: tl.constexpr, INTERIOR: tl.constexpr, W_RESIDENT: tl.constexpr, HC: tl.constexpr, CC: tl.constexpr,
+    SPLIT: tl.constexpr,
     DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3, N: tl.constexpr = 3,
     DH: tl.constexpr = 0, NPAD: tl.constexpr = 16, NB: tl.constexpr = 16,
 ):
-    """A persistent grid of programs, each looping over ``BH x BW`` tiles of cells (all channels).
+    """A persistent grid of programs over ``n_items`` tiles of ``BW`` cells (all channels).
 
+    INTERIOR: item t is one row of BW cells in rows [top, bot), columns [left, right) (each row's
+    last tile ends at ``right``); else ring cells t*BW .. t*BW + BW - 1 of the cells outside that
+    rectangle. HC / CC: hidden units / input channels per MLP chunk; SPLIT: "ieee" (see ``_mma``).
     ``ctr`` (int64 [2] on the device) holds the seed and the base step, so that a captured CUDA graph
     replays with new values; ``step_offset`` is this launch's step relative to the base.
-    DOT_T / PREC: the MLP's dot operand dtype and input precision (``config.dot_types``).
-    PAD: 0 = zeros, 1 = circular, 2 = replicate; APAD (the alive pool's): 0 = outside cells ignored,
-    1 = circular, 2 = replicate. TAPS / LOADS: see ``config.StepConfig``.
+    TAPS: [F][9] filter taps divided by the filter's runtime scale ``fscale[f]``; NEEDS: [9] whether
+    neighbour k (3*(dy+1) + (dx+1)) is loaded. PERC_T: the dtype perception is computed in (the
+    state's, 16-bit pairs for 16-bit states). PAD: 0 = zeros, 1 = circular, 2 = replicate; APAD (the
+    alive pool's): 0 = outside cells ignored, 1 = circular, 2 = replicate.
     """
-    M: tl.constexpr = BH * BW
-    HW = H * W
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    m = tl.arange(0, BW)
     chan = tl.arange(0, CP)
-    hid = tl.arange(0, HP)
-    seed = tl.load(ctr)
-    step = (tl.load(ctr + 1) + step_offset).to(tl.uint32)
-    if HAS_B1:
-        bias1 = tl.load(b1 + hid)
+    cmask = chan[None, :] < C
+    offs = m[:, None] * C + chan[None, :]
+    hid = tl.arange(0, HC)
+    kk = tl.arange(0, 16)
+    ch = tl.arange(0, CC)
+    ones = tl.where(kk[None, :] == 0, 1.0, 0.0).to(DOT_T) + tl.zeros((BW, 16), DOT_T)
+    # Loop-invariant weights: Triton stages them in shared memory once per program. The MLP runs in
+    # chunks, NCH of HC hidden units (its fp32 accumulator must fit the registers) by NCC of CC input
+    # channels (the perception tiles live per chunk: the K loop of layer 1). SPLIT ("ieee") packs each
+    # matrix's low part (w - tf32(w)) after it: NW = 2 parts.
+    NCH: tl.constexpr = HP // HC
+    NCC: tl.constexpr = CP // CC
+    NW: tl.constexpr = 2 if SPLIT else 1
+    w2s = ()
+    wbs = ()
+    for c in tl.static_range(NCH):
+        for s in tl.static_range(NW):
+            w2s = w2s + (tl.load(w2 + s * HP * CP + (c * HC + hid)[:, None] * CP + chan[None, :]),)
+            if HAS_B1:
+                wbs = wbs + (tl.load(wb + s * 16 * HP + kk[:, None] * HP + c * HC + hid[None, :]),)
     if HAS_B2:
         bias2 = tl.load(b2 + chan)
-    for it in range(tiles_per_program):  # persistent: tiles pid, pid + nprog, ...
-        b, i, j, valid = _tile(it, n_tiles, tiles_per_image, n_tiles_w, H, W, BH, BW)
-        image = b.to(tl.int64) * C * HW
-        x_in = src + image
-        pre_in = src_pre + b.to(tl.int64) * HW
+    if W_RESIDENT:
+        w1s = ()
+        for f in tl.static_range(F):
+            for cc in tl.static_range(NCC):
+                for c in tl.static_range(NCH):
+                    for s in tl.static_range(NW):
+                        w1s = w1s + (tl.load(w1 + ((s * F + f) * CP + cc * CC + ch[:, None]) * HP + c * HC
+                                             + hid[None, :]),)
+    seed = tl.load(ctr)
+    step = (tl.load(ctr + 1) + step_offset).to(tl.uint32)
+    for it in range(items_per_program):
+        t = pid + it * nprog
+        # ---- which cells: a row segment of the interior, or BW cells of the ring ------------------
+        if INTERIOR:
+            # spare programs redo the last tile, and each row's last tile ends at ``right`` (it may
+            # overlap the one before): cells computed twice get the same values, written twice
+            t = tl.minimum(t, n_items - 1)
+            per_row = (right - left + BW - 1) // BW
+            per_image = (bot - top) * per_row
+            b = t // per_image
+            r = t - b * per_image
+            i = top + r // per_row
+            j0 = tl.minimum(left + (r % per_row) * BW, right - BW)
+            cell0 = (b * H + i) * W + j0
+            tile = src + cell0.to(tl.int64) * C
+            j = j0 + m
+            ii = i + m * 0
+            bb = b + m * 0
+            valid = m >= 0
+        else:
+            q = t * BW + m
+            valid = q < n_items
+            q = tl.where(valid, q, 0)
+            ring = top * W + (H - bot) * W + (bot - top) * (left + W - right)
+            bb = q // ring
+            ii, j = _ring_cells(q - bb * ring, H, W, top, bot, left, right)
+            cell = (bb * H + ii) * W + j
+            tile = src
 
-        # Perception and the first layer, filters in groups of four (four fp32 accumulators): each
-        # neighbour is loaded (and, in the pending form, its alive decision made) once per group;
-        # then one K=CP dot per filter accumulates into the fp32 hidden tile.
-        acc = tl.zeros((M, HP), tl.float32)
-        pool = tl.full((M,), float("-inf"), tl.float32)
+        # ---- the alive masks: the neighbours' (pending form) and this step's pre-update pool ------
+        pool = tl.full((BW,), float("-inf"), tl.float32)
+        bits = tl.zeros((BW,), tl.int32)  # (pending form) bit k: neighbour k is alive
         if PENDING:
-            if PAD == APAD and PAD != 2:
-                window = _alpha_window(x_in, i, j, H, W, HW, ALPHA, APAD)
-        for g in tl.static_range(NG):
-            p0 = tl.zeros((M, CP), tl.float32)
-            p1 = tl.zeros((M, CP), tl.float32)
-            p2 = tl.zeros((M, CP), tl.float32)
-            p3 = tl.zeros((M, CP), tl.float32)
-            for k in tl.static_range(9):
-                if LOADS[g * 9 + k] != 0:  # some filter of this group has a tap here, or the alive pool
-                    ni = i + (k // 3 - 1)
+            if INTERIOR:
+                bits = _interior_keeps(tile, src_pre + cell0, W, m, C, ALPHA, threshold)
+                # (alive(x), the pool, comes from the perception's loads of the alpha channel: the
+                # window's loads then serve one layout only, a second would recompute them)
+            else:
+                for k in tl.static_range(9):
+                    ni = ii + (k // 3 - 1)
                     nj = j + (k % 3 - 1)
-                    ii = _wrap(ni, H, PAD)
-                    jj = _wrap(nj, W, PAD)
-                    ok = _inside(ni, nj, H, W) | (PAD != 0)
-                    if PENDING:
-                        if PAD == APAD and PAD != 2:
-                            keep = _keep_in_window(window, pre_in, ii, jj, W, k, threshold)
-                        else:
-                            keep = _keep(x_in, pre_in, ii, jj, H, W, HW, ALPHA, threshold, APAD)
-                        keep = keep.to(tl.float32)
-                    if LOADS[g * 9 + k] != 2:
-                        xk = tl.load(x_in + chan[None, :] * HW + (ii * W + jj)[:, None],
-                                     mask=ok[:, None] & (chan[None, :] < C), other=0.0).to(tl.float32)
-                        if PENDING:
-                            xk = xk * keep[:, None]
-                        if TAPS[(4 * g) * 9 + k] != 0.0:
-                            p0 += TAPS[(4 * g) * 9 + k] * xk
-                        if TAPS[(4 * g + 1) * 9 + k] != 0.0:
-                            p1 += TAPS[(4 * g + 1) * 9 + k] * xk
-                        if TAPS[(4 * g + 2) * 9 + k] != 0.0:
-                            p2 += TAPS[(4 * g + 2) * 9 + k] * xk
-                        if TAPS[(4 * g + 3) * 9 + k] != 0.0:
-                            p3 += TAPS[(4 * g + 3) * 9 + k] * xk
-                    if ALIVE:
-                        if g == 0:  # alive(x) before the update: 3x3 max of the true alpha
-                            if PAD == APAD:
-                                ai, aj, aok = ii, jj, ok
-                            else:
-                                ai, aj = _wrap(ni, H, APAD), _wrap(nj, W, APAD)
-                                aok = _inside(ni, nj, H, W) | (APAD != 0)
-                            a = tl.load(x_in + ALPHA * HW + ai * W + aj, mask=aok,
-                                        other=float("-inf")).to(tl.float32)
-                            if PENDING:  # (where first: -inf * 0 would be NaN outside the grid)
-                                if PAD != APAD:
-                                    keep = _keep(x_in, pre_in, ai, aj, H, W, HW, ALPHA, threshold,
-                                                 APAD).to(tl.float32)
-                                a = tl.where(aok, tl.where(aok, a, 0.0) * keep, a)
-                            pool = tl.maximum(pool, a, propagate_nan=tl.PropagateNan.ALL)
-            acc = _layer1(p0, w1, 4 * g, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
-            if 4 * g + 1 < F:
-                acc = _layer1(p1, w1, 4 * g + 1, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
-            if 4 * g + 2 < F:
-                acc = _layer1(p2, w1, 4 * g + 2, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
-            if 4 * g + 3 < F:
-                acc = _layer1(p3, w1, 4 * g + 3, acc, chan, hid, CP, HP, P_CLAMP, p_lo, p_hi, DOT_T, PREC)
-        if HAS_B1:
-            acc += bias1[None, :]
-        h = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        if H_CLAMP:
-            h = _clamp(h, h_lo, h_hi)
-        w2t = tl.load(w2 + hid[:, None] * CP + chan[None, :])
-        dx = tl.dot(h.to(DOT_T), w2t, input_precision=PREC)
+                    # the alive pool pads by APAD: its cell may differ from the perception's
+                    aok = valid & (_inside(ni, nj, H, W) | (APAD != 0))
+                    acell = (bb * H + _wrap(ni, H, APAD)) * W + _wrap(nj, W, APAD)
+                    a = tl.load(src + acell * C + ALPHA, mask=aok, other=float("-inf")).to(tl.float32)
+                    keep = _keep_at(src, src_pre, acell, _wrap(ni, H, APAD), _wrap(nj, W, APAD), H, W, C, ALPHA,
+                                    threshold, APAD, aok)
+                    pool = tl.maximum(pool, tl.where(aok, tl.where(aok, a, 0.0) * keep.to(tl.float32), a),
+                                      propagate_nan=NAN)  # (-inf stays)
+                    if PAD != APAD:
+                        ok = valid & (_inside(ni, nj, H, W) | (PAD != 0))
+                        keep = _keep_at(src, src_pre, (bb * H + _wrap(ni, H, PAD)) * W + _wrap(nj, W, PAD),
+                                        _wrap(ni, H, PAD), _wrap(nj, W, PAD), H, W, C, ALPHA, threshold, APAD, ok)
+                    bits = bits | (keep.to(tl.int32) << k)
+        elif ALIVE:
+            for k in tl.static_range(9):
+                if INTERIOR:
+                    a = tl.load(tile + ((k // 3 - 1) * W + (k % 3 - 1)) * C + m * C + ALPHA).to(tl.float32)
+                else:
+                    ni = ii + (k // 3 - 1)
+                    nj = j + (k % 3 - 1)
+                    aok = valid & (_inside(ni, nj, H, W) | (APAD != 0))
+                    a = tl.load(src + ((bb * H + _wrap(ni, H, APAD)) * W + _wrap(nj, W, APAD)) * C + ALPHA, mask=aok,
+                                other=float("-inf")).to(tl.float32)
+                pool = tl.maximum(pool, a, propagate_nan=NAN)
+
+        # ---- perception and the MLP ----------------------------------------------------------------
+        if NCC == 1:  # one channel chunk: perceived once, for every hidden chunk
+            pts, x, pool_c = _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch, C, CP, CC,
+                                       BW, F, TAPS, NEEDS, PAD, ALPHA, PENDING, INTERIOR, PENDING and INTERIOR,
+                                       P_CLAMP, PERC_T, DOT_T)
+            if PENDING and INTERIOR:
+                pool = pool_c
+        dx = tl.zeros((BW, CP), tl.float32)
+        for c in tl.static_range(NCH):
+            acc = tl.zeros((BW, HC), tl.float32)
+            for cc in tl.static_range(NCC):
+                if NCC > 1:  # (perceived again per hidden chunk: its loads hit L1)
+                    pts, _, pool_c = _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m,
+                                               cc * CC + ch, C, CP, CC, BW, F, TAPS, NEEDS, PAD, ALPHA, PENDING,
+                                               INTERIOR, PENDING and INTERIOR and c == 0 and cc == ALPHA // CC,
+                                               P_CLAMP, PERC_T, DOT_T)
+                    if PENDING and INTERIOR and c == 0 and cc == ALPHA // CC:
+                        pool = pool_c
+                if HAS_B1 and cc == 0:  # (after the perception: the accumulator's registers are free till now)
+                    acc = _mma(ones, wbs[c * NW], wbs[c * NW + NW - 1], acc, SPLIT, True, PREC)
+                for f in tl.static_range(F):
+                    if W_RESIDENT:
+                        w1f = w1s[((f * NCC + cc) * NCH + c) * NW]
+                        w1lo = w1s[((f * NCC + cc) * NCH + c) * NW + NW - 1]
+                    else:  # too large to stay in shared memory: streamed from L2 each tile
+                        rows = (f * CP + cc * CC + ch)[:, None] * HP + c * HC + hid[None, :]
+                        w1f = tl.load(w1 + rows)
+                        w1lo = w1f
+                        if SPLIT:
+                            w1lo = tl.load(w1 + F * CP * HP + rows)
+                    acc = _mma(pts[f], w1f, w1lo, acc, SPLIT, False, PREC)
+            h = _relu_to(acc, DOT_T, FAST)
+            if H_CLAMP:
+                h = _clamp(h, tl.cast(h_lo, DOT_T), tl.cast(h_hi, DOT_T))
+            dx = _mma(h, w2s[c * NW], w2s[c * NW + NW - 1], dx, SPLIT, False, PREC)
         if HAS_B2:
             dx += bias2[None, :]
         if U_CLAMP:
             dx = _clamp(dx, u_lo, u_hi)
+        if NCC > 1:  # the centre again (an L1 hit) rather than CP channels live all along
+            if INTERIOR:
+                x = tl.load(tile + offs, mask=cmask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(src + cell[:, None] * C + chan[None, :], mask=valid[:, None] & cmask,
+                            other=0.0).to(tl.float32)
+            if PENDING:
+                x = x * ((bits >> 4) & 1).to(tl.float32)[:, None]
 
-        # The stochastic update mask from the global cell coordinates (see nca_fast/rng.py).
+        # ---- the stochastic update mask, from the global cell coordinates (nca_fast/rng.py) ------
         if HAS_MASK:
-            fire = tl.load(fire_mask + b.to(tl.int64) * HW + i * W + j) != 0
+            if INTERIOR:
+                fire = tl.load(fire_mask + cell0 + m) != 0
+            else:
+                fire = tl.load(fire_mask + cell, mask=valid, other=0) != 0
         else:
             c0 = (j + col0).to(tl.uint32, bitcast=True)
-            c1 = (i + row0).to(tl.uint32, bitcast=True)
-            c3 = (b + batch0).to(tl.uint32, bitcast=True)
+            c1 = (ii + row0).to(tl.uint32, bitcast=True)
+            c3 = (bb + batch0).to(tl.uint32, bitcast=True)
             r0, _, _, _ = tl.philox(seed, c0, c1, step + c0 * 0, c3)
             fire = (r0 >> 8).to(tl.int32) < fire_threshold
 
-        x = tl.load(x_in + chan[None, :] * HW + (i * W + j)[:, None], mask=chan[None, :] < C,
-                    other=0.0).to(tl.float32)
-        if PENDING:
-            if PAD == APAD and PAD != 2:
-                keep = _keep_in_window(window, pre_in, i, j, W, 4, threshold)
-            else:
-                keep = _keep(x_in, pre_in, i, j, H, W, HW, ALPHA, threshold, APAD)
-            x = x * keep.to(tl.float32)[:, None]
+        # ---- residual, the state clamp, the store ----------------------------------------------
         y = x + dx * (fire.to(tl.float32) * step_size)[:, None]  # NaN * 0 stays NaN, as in the reference
         if S_CLAMP:
             y = _clamp(y, s_lo, s_hi)
-        out = (chan[None, :] * HW + (i * W + j)[:, None])
-        tl.store(dst + image + out, y.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
+        if INTERIOR:
+            out = dst + cell0.to(tl.int64) * C + offs
+            if CP == C:
+                tl.store(out, y.to(dst.dtype.element_ty))
+            else:
+                tl.store(out, y.to(dst.dtype.element_ty), mask=cmask)
+            if ALIVE:
+                tl.store(dst_pre + cell0 + m, (pool > threshold).to(tl.uint8))
+        else:
+            tl.store(dst + cell[:, None] * C + chan[None, :], y.to(dst.dtype.element_ty),
+                     mask=valid[:, None] & cmask)
+            if ALIVE:
+                tl.store(dst_pre + cell, (pool > threshold).to(tl.uint8), mask=valid)
         if DECODE:  # only for models without alive masks: y is the true state (else see finalize)
-            pixel_shuffle_out(y, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
-                               DOT_T, PREC)
-        if ALIVE:
-            tl.store(dst_pre + b.to(tl.int64) * HW + i * W + j, (pool > threshold).to(tl.uint8), mask=valid)
+            pixel_shuffle_out(y, bb, ii, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
+                              DOT_T, PREC)
 
 
 @triton.jit
-def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_image,
-                        n_tiles, tiles_per_program, threshold,
-                        C: tl.constexpr, CP: tl.constexpr, ALPHA: tl.constexpr, PAD: tl.constexpr,
-                        APAD: tl.constexpr,
-                        BH: tl.constexpr, BW: tl.constexpr,
+def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_items, items_per_program, threshold,
+                        C: tl.constexpr, CP: tl.constexpr, ALPHA: tl.constexpr, APAD: tl.constexpr,
+                        BW: tl.constexpr,
                         DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3,
                         N: tl.constexpr = 3, DH: tl.constexpr = 0, NPAD: tl.constexpr = 16,
                         NB: tl.constexpr = 16, DOT_T: tl.constexpr = tl.float32,
                         PREC: tl.constexpr = "tf32"):
-    """Pending form -> true state: ``dst = y * (pre & alive(y))``, and with DECODE its pixel-shuffle
-    frame. Memory-bound: reads C values + a byte per cell (the 3x3 alpha re-reads hit cache),
-    writes C values (+ K*R*R pixels)."""
-    HW = H * W
+    """Pending form -> true state: ``dst = y * (pre & alive(y))`` over ``BW`` consecutive cells per
+    tile (channels-last), and with DECODE its pixel-shuffle frame. Memory-bound: reads C values + a
+    byte per cell (the 3x3 alpha re-reads hit cache), writes C values (+ K*R*R pixels)."""
+    m = tl.arange(0, BW)
     chan = tl.arange(0, CP)
-    for it in range(tiles_per_program):  # persistent: tiles pid, pid + nprog, ...
-        b, i, j, valid = _tile(it, n_tiles, tiles_per_image, n_tiles_w, H, W, BH, BW)
-        image = b.to(tl.int64) * C * HW
-        x = _load_state(src + image, src_pre + b.to(tl.int64) * HW, i, j, chan, H, W, HW, threshold,
-                        C, ALPHA, PAD, APAD, True)
-        out = chan[None, :] * HW + (i * W + j)[:, None]
-        tl.store(dst + image + out, x.to(dst.dtype.element_ty), mask=valid[:, None] & (chan[None, :] < C))
+    HW = H * W
+    for it in range(items_per_program):
+        q = (tl.program_id(0) + it * tl.num_programs(0)) * BW + m
+        valid = q < n_items
+        cell = tl.where(valid, q, 0)
+        b = cell // HW
+        i = (cell % HW) // W
+        j = cell % W
+        keep = _keep_at(src, src_pre, cell, i, j, H, W, C, ALPHA, threshold, APAD, valid)
+        x = tl.load(src + cell[:, None] * C + chan[None, :], mask=valid[:, None] & (chan[None, :] < C),
+                    other=0.0).to(tl.float32)
+        x = x * keep.to(tl.float32)[:, None]
+        tl.store(dst + cell[:, None] * C + chan[None, :], x.to(dst.dtype.element_ty),
+                 mask=valid[:, None] & (chan[None, :] < C))
         if DECODE:
             pixel_shuffle_out(x, b, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
-                               DOT_T, PREC)
+                              DOT_T, PREC)
