@@ -9,7 +9,9 @@ float64 reference (relative error), update masks bit-identical, a 50-step rollou
 reference eager, torch.compile of the reference, and the fused rollout step and single step in fp32
 (TF32 MLP) and fp16, growing and texture models, at 1024^2, 2048^2 and 4096^2, with cell-updates/s,
 peak memory, the fraction of the memory floor (bytes per cell-update / measured copy bandwidth) and
-how long each first call (compilation) took. Only what is checked or timed is compiled.
+how long each first call (compilation) took; training: the fused backward's gradients against the
+reference (and bit-identical run to run) and one Distill growing training iteration timed for the
+reference, torch.compile and the fused path. Only what is checked or timed is compiled.
 ``--dry-run`` runs every line of it on a CPU under the Triton interpreter at tiny
 sizes (CI does), so that GPU minutes are not spent finding a Python error.
 """
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nca_fast as nf  # noqa: E402
 from nca_fast import reference, rng  # noqa: E402
 from nca_fast.bench import timing  # noqa: E402
+from nca_fast.bench.train import run_train, train_table  # noqa: E402
 from nca_fast.decoders import build_decoder, decode, lppn_spec, pixel_shuffle_spec  # noqa: E402
 from nca_fast.kernels.config import bytes_per_cell_update  # noqa: E402
 from nca_fast.precision import TOLERANCE, relative_error  # noqa: E402
@@ -202,6 +205,37 @@ def decoders(report):
     report["decoders"] = rows
 
 
+def training(report):
+    """The fused backward against the reference's autograd (growing and texture, tf32 and ieee; the
+    gradients bit-identical across two runs), then one training iteration of the Distill growing setup
+    (64 steps, batch 8, 72^2) timed for the reference, torch.compile and the fused path."""
+    rows = []
+    for name, spec in (("growing", nf.growing_spec()), ("texture", nf.texture_spec())):
+        for precision in ("tf32", "ieee"):
+            model = nf.NCA(spec, init_seed=3).to(DEV)
+            model.fp32_matmul = precision
+            x = grown_state(model, 2, *CORRECT_GRID, torch.float32)
+            gout = torch.randn(x.shape, generator=torch.Generator(device=DEV).manual_seed(1), device=DEV)
+
+            def grads(backend):
+                model.zero_grad()
+                xx = x.clone().requires_grad_(True)
+                (model.step(xx, seed=1, backend=backend) * gout).sum().backward()
+                return [xx.grad] + [p.grad.clone() for p in model.parameters()]
+
+            a, b = grads("triton"), grads("triton")
+            want = [g.double() for g in grads("reference")]
+            err = max(relative_error(g, w) for g, w in zip(a, want))
+            rows.append({"model": name, "precision": precision, "grad_rel_error": err,
+                         "bit_identical": all(torch.equal(u, v) for u, v in zip(a, b))})
+            print(rows[-1], flush=True)
+    report["backward"] = rows
+    train = run_train(nf.NCA(nf.growing_spec(), init_seed=0), torch.device(DEV), size=72 if not DRY else 8,
+                      batch=8 if not DRY else 1, steps=64 if not DRY else 2, iterations=10 if not DRY else 1,
+                      providers=("reference", "compile", "triton"), log=lambda m: print(m, flush=True))
+    report["train"] = train
+
+
 def failures(report) -> list:
     c = report.get("correctness", {})
     out = [f"{r['model']} {r['dtype']}/{r['precision']}: rel. error {r['rel_error']:.2e} > "
@@ -211,6 +245,10 @@ def failures(report) -> list:
         out.append("in-kernel update masks differ from nca_fast.rng")
     if c and not c.get("rollout50_rel_error", 1.0) <= 50 * TOLERANCE["ieee"]:
         out.append(f"50-step fp32 rollout rel. error {c.get('rollout50_rel_error')} > {50 * TOLERANCE['ieee']:g}")
+    for r in report.get("backward", []):
+        if not r["grad_rel_error"] <= 10 * TOLERANCE[r["precision"]] or not r["bit_identical"]:
+            out.append(f"backward {r['model']}/{r['precision']}: gradient rel. error {r['grad_rel_error']:.2e}, "
+                       f"bit-identical {r['bit_identical']}")
     return out
 
 
@@ -244,6 +282,13 @@ def markdown(report) -> str:
             lines.append(f"| {r['dtype']} | {r['plain_step_ms']:.3f} | {r['step_plus_pixel_shuffle_ms']:.3f} | "
                          f"{r['pixel_shuffle_ratio']:.2f} | {r['step_plus_lppn_ms']:.3f} | "
                          f"{r['lppn_frames_per_s']:.0f} |")
+    if report.get("backward"):
+        lines += ["", "## Training", "", "| model | MLP precision | gradient rel. error | bit-identical |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['precision']} | {r['grad_rel_error']:.2e} | {r['bit_identical']} |"
+                  for r in report["backward"]]
+    if report.get("train"):
+        lines += ["", train_table(report["train"])]
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +313,7 @@ def main():
         sizes = [16] if DRY else [256, 1024] if args.quick else [1024, 2048, 4096]
         decoders(report)
         throughput(report, sizes, steps=2 if DRY else 10)
+        training(report)
     except Exception as e:  # keep what was measured
         report["error"] = f"{type(e).__name__}: {e}"
         raise

@@ -2,6 +2,7 @@
 
     import nca_fast
     model = nca_fast.load("ex1_lizard.json")        # or nca_fast.NCA(nca_fast.growing_spec())
+    model.requires_grad_(False)                      # inference (rollouts are differentiable otherwise)
     x = model.seed(height=72, width=72)
     x = model.rollout(x, 200, seed=0)
     rgb = model.to_rgb(x)                            # [B, 3, H, W] in [0, 1]

@@ -2,9 +2,11 @@
 
 ``"reference"``: the plain-PyTorch specification (any device, differentiable).
 ``"cpu"``: the CPU fast path (a state on the CPU; for decoders the reference, their only CPU path).
-``"triton"``: the fused kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), forward only.
-``"auto"``: the reference when autograd has to record the call; else the fused kernels on CUDA (the
-reference, with a warning, where they cannot run) and the CPU fast path on a CPU where it is faster.
+``"triton"``: the fused kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), forward and
+backward (the step's fused backward kernel; the decoders' backward is the reference's VJP).
+``"auto"``: the fused kernels on CUDA, with or without gradients (the reference, with a warning,
+where they cannot run); on a CPU the CPU fast path where it is faster, except when autograd has to
+record the call: the CPU fast path has no backward, so the reference runs it.
 """
 from __future__ import annotations
 
@@ -46,13 +48,7 @@ def choose(backend: str, x: torch.Tensor, *, fused_problem: str, cpu_path: bool,
     if backend == "triton":
         if fused_problem:
             raise RuntimeError(f"backend='triton' cannot run here: {fused_problem}")
-        if needs_grad:
-            raise RuntimeError(f"backend='triton' has no backward: this {what} needs gradients; use "
-                               "backend='reference' (or 'auto'), or torch.no_grad() for inference")
         return "triton"
-    if needs_grad:
-        return _logged_choice(backend, "reference", "autograd records it; the fused and CPU paths have "
-                                                    "no backward", what)
     if x.device.type == "cuda":
         if fused_problem:
             if not torch.compiler.is_compiling():
@@ -60,6 +56,9 @@ def choose(backend: str, x: torch.Tensor, *, fused_problem: str, cpu_path: bool,
                               RuntimeWarning, stacklevel=3)
             return _logged_choice(backend, "reference", fused_problem, what)
         return _logged_choice(backend, "triton", "state on cuda", what)
+    if needs_grad:
+        return _logged_choice(backend, "reference", f"autograd records it on {x.device.type}: the CPU fast path "
+                                                    "has no backward", what)
     if x.device.type == "cpu" and cpu_path and cpu_preferred:
         return _logged_choice(backend, "cpu", f"state on cpu, {x.dtype}", what)
     return _logged_choice(backend, "reference", f"state on {x.device.type}, {x.dtype}", what)

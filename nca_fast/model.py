@@ -6,6 +6,7 @@ from collections import deque
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import backend as backends
@@ -16,7 +17,7 @@ from .kernels.pack import PackedHead, cached, pack_pixel_shuffle, pack_step
 from .kernels.rollout import FusedRollout, fused_stream
 from .precision import check_fp32_precision, state_precision
 from .spec import NCASpec
-from .utils.checks import check_int, check_memory, check_state, register_weights
+from .utils.checks import available_bytes, check_int, check_memory, check_state, register_weights
 
 BACKENDS = backends.BACKENDS
 
@@ -61,10 +62,13 @@ class NCA(nn.Module):
         """The MLP precision the fused kernels run a ``dtype`` state in."""
         return state_precision(dtype, check_fp32_precision(self.fp32_matmul))
 
-    def packed_weights(self, dtype: torch.dtype):
-        """The weights packed for the fused step of a ``dtype`` state (cached until they change)."""
+    def packed_weights(self, dtype: torch.dtype, grad: bool = False):
+        """The weights packed for the fused step of a ``dtype`` state: cached until they change, or
+        with ``grad`` packed afresh under autograd, so that the fused backward reaches the parameters."""
         precision = kconfig.kernel_precision(self.precision(dtype))
         device = self.w1.device
+        if grad:  # fp32 whatever the dot dtype: the gradients reach the parameters unrounded
+            return pack_step(self.params(), self.spec, precision, device, torch.float32)
         return cached(self, ("step", precision, device), lambda: pack_step(self.params(), self.spec, precision, device))
 
     def fused_rollout(self, shape, dtype: torch.dtype, steps: int, *, origin: Tuple[int, int] = (0, 0),
@@ -130,22 +134,28 @@ class NCA(nn.Module):
         The update mask is drawn from ``(seed, step, batch index, global row, global column)``
         (see :mod:`nca_fast.rng`); ``origin`` is the (row, column) of ``x[..., 0, 0]`` in the global
         grid. ``update_mask`` (bool ``[B, 1, H, W]``) replaces the random mask; ``fire_rate``
-        replaces the spec's. Differentiable on the reference path, which ``"auto"`` picks whenever
-        autograd records the call (grad enabled and ``x`` or a weight requires grad).
+        replaces the spec's. Differentiable on the reference and the fused path; on a CPU ``"auto"``
+        takes the reference when autograd records the call (the CPU fast path has no backward).
         """
         self._check_state(x)
         fire_rate = self._check_step_args(x, seed, step, update_mask, fire_rate, origin)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        needs_grad = self._needs_grad(x)
         backend = self._choose(backend, x, needs_grad)
         self._check_finite(x, "the input state")
-        if backend == "triton":
-            y = kop.fused_step(self.spec, self.packed_weights(x.dtype), x, seed=seed, step=step,
-                               update_mask=update_mask, fire_rate=fire_rate, origin=origin,
-                               precision=self.precision(x.dtype))
-        else:
-            y = self._reference_step(x, seed, step, update_mask, fire_rate, origin, backend)
+        y = self._step(x, seed, step, update_mask, fire_rate, origin, backend,
+                       self.packed_weights(x.dtype, needs_grad) if backend == "triton" else None)
         self._check_finite(y, f"the state after step {step}")
         return y
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _step(self, x, seed, step, update_mask, fire_rate, origin, backend, packed):
+        """One step on a chosen backend (``packed``: the fused path's weights)."""
+        if backend == "triton":
+            return kop.fused_step(self.spec, packed, x, seed=seed, step=step, update_mask=update_mask,
+                                  fire_rate=fire_rate, origin=origin, precision=self.precision(x.dtype))
+        return self._reference_step(x, seed, step, update_mask, fire_rate, origin, backend)
 
     def _reference_step(self, x, seed, step, update_mask, fire_rate, origin, backend="reference",
                         out=None):
@@ -212,15 +222,29 @@ class NCA(nn.Module):
         compute = 8 if dtype == torch.float64 else 4
         return state + compute * (2 * s.perception_size + 2 * s.hidden + 4 * s.channels) + 1
 
-    @torch.no_grad()
     def rollout(self, x: torch.Tensor, steps: int, *, seed: int = 0, start_step: int = 0,
                 every: Optional[int] = None, origin: Tuple[int, int] = (0, 0),
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", checkpoint_every: Optional[int] = None) -> torch.Tensor:
         """Run ``steps`` steps (step counters ``start_step ... start_step+steps-1``).
 
         Returns the final state ``[B, C, H, W]``, or with ``every=k`` the states after every k-th
         step stacked as ``[steps // k, B, C, H, W]``. For long renders use :meth:`frames`.
+
+        Differentiable when autograd records it (grad enabled, ``x`` or a weight requiring grad), on
+        the fused path (CUDA) and the reference. The fused step saves only its input state (its
+        backward recomputes perception and hidden). With ``checkpoint_every=k`` steps run in segments
+        of k whose inner states are recomputed in the backward, so memory grows with the number of
+        segments plus one segment's states. The default (None) keeps the whole graph when it takes
+        under a quarter of the free memory (no recomputation) and segments of about sqrt(steps)
+        otherwise.
         """
+        self._check_state(x)
+        if self._needs_grad(x):
+            return self._rollout_grad(x, steps, seed, start_step, every, origin, backend, checkpoint_every)
+        with torch.no_grad():
+            return self._rollout(x, steps, seed, start_step, every, origin, backend)
+
+    def _rollout(self, x, steps, seed, start_step, every, origin, backend):
         if every is None:  # one frame, at the end (the fused path materialises the state once)
             last = deque(self.frames(x, steps, seed=seed, start_step=start_step, every=max(steps, 1),
                                      origin=origin, backend=backend), maxlen=1)
@@ -230,6 +254,60 @@ class NCA(nn.Module):
         if not states:
             return x.new_empty((0,) + tuple(x.shape))
         return torch.stack(states)
+
+    def _rollout_grad(self, x, steps, seed, start_step, every, origin, backend, checkpoint_every):
+        self._check_state(x)
+        check_int("steps", steps, 0)
+        if every is not None:
+            check_int("every", every, 1)
+        self._check_step_args(x, seed, start_step, None, None, origin)
+        if start_step + steps > 2**32:
+            raise ValueError(f"step counters start_step + steps = {start_step + steps} exceed 2**32")
+        backend = self._choose(backend, x, needs_grad=True)
+        if checkpoint_every is not None:
+            seg = check_int("checkpoint_every", checkpoint_every, 1)
+        else:
+            seg = steps if self._graph_fits(x, steps, backend) else max(1, math.isqrt(max(steps, 1)))
+        self._check_finite(x, "the input state")
+        packed = self.packed_weights(x.dtype, grad=True) if backend == "triton" else None
+        fire_rate = self.spec.fire_rate
+
+        def segment(k0: int, n: int, state: torch.Tensor, *_weights):
+            """Steps k0 .. k0+n-1; returns the states wanted by ``every`` in it, then the last."""
+            kept = []
+            for k in range(k0, k0 + n):
+                state = self._step(state, seed, start_step + k, None, fire_rate, origin, backend, packed)
+                if every is not None and (k + 1) % every == 0:
+                    kept.append(state)
+            return (*kept, state)
+
+        weights = tuple(packed) if packed is not None else tuple(self.parameters())
+        states, k = [], 0
+        while k < steps:
+            n = min(seg, steps - k)
+            if n == steps:  # one segment: nothing to recompute
+                out = segment(k, n, x)
+            else:
+                out = torch.utils.checkpoint.checkpoint(segment, k, n, x, *weights, use_reentrant=False,
+                                                        preserve_rng_state=False)
+            states += out[:-1]
+            x, k = out[-1], k + n
+        self._check_finite(x, f"the state after step {start_step + steps - 1}")
+        if every is None:
+            return x if steps else x.clone()
+        return torch.stack(states) if states else x.new_empty((0,) + tuple(x.shape))
+
+    def graph_bytes_per_cell(self, dtype: torch.dtype, backend: str) -> int:
+        """What autograd saves per cell and step of a differentiable rollout: the fused step its input
+        state and alive byte; the reference its intermediates (as in :meth:`rollout_bytes_per_cell`)."""
+        if backend == "triton":
+            return self.spec.channels * torch.empty((), dtype=dtype).element_size() + 1
+        return self.rollout_bytes_per_cell(dtype, "reference")
+
+    def _graph_fits(self, x: torch.Tensor, steps: int, backend: str) -> bool:
+        free = available_bytes(x.device)
+        need = steps * x.shape[0] * x.shape[2] * x.shape[3] * self.graph_bytes_per_cell(x.dtype, backend)
+        return free is not None and need <= free // 4
 
     # ---- checks and dispatch ------------------------------------------------------------------
     def _check_state(self, x):

@@ -35,6 +35,28 @@ def perceive(x: torch.Tensor, spec: NCASpec) -> torch.Tensor:
     return F.conv2d(xp, w, groups=spec.n_filters * C)
 
 
+def perceive_vjp(gp: torch.Tensor, spec: NCASpec) -> torch.Tensor:
+    """The transposed perception: ``[B, F*C, H, W]`` perception gradients -> ``[B, C, H, W]`` state
+    gradients. Perception is linear: its vector-Jacobian product is the transposed convolution onto
+    the padded grid, summed over filters, with the padding ring folded back where the padding read
+    it (zeros: dropped; circular: onto the opposite side; replicate: onto the edge)."""
+    B, FC, H, W = gp.shape
+    C = spec.channels
+    w = filter_bank(spec, gp.dtype, gp.device)
+    t = F.conv_transpose2d(gp, w, groups=FC).view(B, spec.n_filters, C, H + 2, W + 2).sum(1)
+    for dim, n in ((2, H), (3, W)):
+        first, last = t.narrow(dim, 0, 1), t.narrow(dim, n + 1, 1)
+        inner = t.narrow(dim, 1, n).clone()
+        if spec.padding == "circular":  # padded index 0 read cell n-1; index n+1 read cell 0
+            inner.narrow(dim, n - 1, 1).add_(first)
+            inner.narrow(dim, 0, 1).add_(last)
+        elif spec.padding == "replicate":  # both read the edge cell on their side
+            inner.narrow(dim, 0, 1).add_(first)
+            inner.narrow(dim, n - 1, 1).add_(last)
+        t = inner
+    return t
+
+
 def _clamp(t: torch.Tensor, r) -> torch.Tensor:
     return t if r is None else t.clamp(r[0], r[1])
 

@@ -169,3 +169,18 @@ def test_default_providers_include_the_peers():
 def test_cli_model_file_missing(tmp_path, capsys):
     assert cli.main(["bench", "--model", str(tmp_path / "none.json"), "--sizes", "8"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_train_bench_times_and_compares_loss_curves(tmp_path, capsys):
+    """``bench --train`` on a tiny case: reference and torch.compile side by side with equal loss
+    curves (float32 on a CPU), files written. (The fused provider: gpu_check's dry run.)"""
+    rc = cli.main(["bench", "--train", "--providers", "reference,compile", "--sizes", "12", "--batches", "2",
+                   "--repeats", "1", "--device", "cpu", "--out", str(tmp_path), "--name", "t"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| reference |" in out and "| compile |" in out
+    report = json.loads((tmp_path / "t.json").read_text())
+    rows = {r["provider"]: r for r in report["rows"]}
+    assert rows["compile"]["loss_rel_diff"] < 1e-4 and rows["reference"]["seconds"] > 0
+    assert len(rows["compile"]["losses"]) == 2 and rows["compile"]["losses"][0] > 0
+    assert (tmp_path / "t.md").read_text().count("|") > 10

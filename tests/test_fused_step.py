@@ -49,7 +49,7 @@ def random_spec(g: torch.Generator, **over) -> NCASpec:
 def random_model(spec: NCASpec, g: torch.Generator) -> nf.NCA:
     w = {n: torch.randn(s, generator=g) * (1.0 / math.sqrt(s[-1]) if len(s) == 2 else 0.1)
          for n, s in spec.parameter_shapes().items()}
-    m = nf.NCA(spec, w).to(DEVICE).requires_grad_(False)  # inference: the fused step has no backward
+    m = nf.NCA(spec, w).to(DEVICE).requires_grad_(False)  # the forward alone (test_backward.py: the backward)
     m.fp32_matmul = "ieee"
     return m
 
@@ -281,7 +281,7 @@ def test_op_works_under_torch_compile_fullgraph():
     ctr = launch.counter_tensor(4, 5, DEVICE)
 
     def f(x):
-        return torch.ops.nca_fast.fused_step(x, *packed, ctr, None, spec.json, 0.5, 0, 0, "ieee") * 2
+        return torch.ops.nca_fast.fused_step(x, *packed, ctr, None, spec.json, 0.5, 0, 0, "ieee")[0] * 2
 
     y = torch.compile(f, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(y / 2, model.step(x, seed=4, step=5, backend="reference"), atol=1e-5, rtol=1e-5)
@@ -290,6 +290,10 @@ def test_op_works_under_torch_compile_fullgraph():
     torch.testing.assert_close(step(x), y / 2, atol=1e-6, rtol=1e-6)
     torch.library.opcheck(torch.ops.nca_fast.fused_step.default,
                           (x, *packed, ctr, None, spec.json, 0.5, 0, 0, "ieee"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    life = torch.empty(0, dtype=torch.uint8, device=DEVICE)
+    torch.library.opcheck(torch.ops.nca_fast.fused_step_backward.default,
+                          (x, life, torch.ones_like(x), *packed, ctr, None, spec.json, 0.5, 0, 0, "ieee"),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -358,16 +358,22 @@ class _OnCuda:
     dtype = torch.float32
 
 
-def test_gradients_never_go_through_the_forward_only_kernels():
-    assert backend.choose("auto", _OnCuda(), fused_problem="", cpu_path=False, cpu_preferred=False,
-                          needs_grad=True) == "reference"
-    assert backend.choose("auto", _OnCuda(), fused_problem="", cpu_path=False, cpu_preferred=False,
-                          needs_grad=False) == "triton"
-    with pytest.raises(RuntimeError, match="has no backward"):
-        backend.choose("triton", _OnCuda(), fused_problem="", cpu_path=False, cpu_preferred=False, needs_grad=True)
+def test_gradients_only_go_through_paths_that_have_a_backward():
+    """The fused path has a backward (auto on CUDA keeps it); the CPU fast path has none (auto on a CPU
+    and backend='cpu' take the reference when autograd records)."""
+    for needs_grad in (True, False):
+        assert backend.choose("auto", _OnCuda(), fused_problem="", cpu_path=False, cpu_preferred=False,
+                              needs_grad=needs_grad) == "triton"
+        assert backend.choose("triton", _OnCuda(), fused_problem="", cpu_path=False, cpu_preferred=False,
+                              needs_grad=needs_grad) == "triton"
+    x = torch.zeros(1, 4, 6, 6)
+    on_cpu = dict(fused_problem="", cpu_path=True, cpu_preferred=True)
+    assert backend.choose("auto", x, **on_cpu, needs_grad=True) == "reference"
+    assert backend.choose("cpu", x, **on_cpu, needs_grad=True) == "reference"
+    assert backend.choose("auto", x, **on_cpu, needs_grad=False) == "cpu"
     model = nca_fast.NCA(growing_spec(channels=4, hidden=8))
     x = model.seed(1, 6, 6) + 0.1
-    model.step(x, seed=1).sum().backward()  # auto: the reference, so the weights get their gradients
+    model.step(x, seed=1).sum().backward()  # auto on a CPU: the reference, so the weights get their gradients
     assert model.w1.grad is not None and model.w1.grad.abs().sum() > 0
 
 

@@ -1,6 +1,7 @@
 """Every kernel configuration the dispatchers can pick compiles for sm_80 and sm_90a (no GPU needed),
 uses tensor-core instructions for its MLP where it should, the step does not spill (but where
-catalogue.SPILL_LIMITS says why) and the published models' steps hold their instruction budgets."""
+catalogue.SPILL_LIMITS says why), the backward stays within its spill ceilings, and the published
+models' steps hold their instruction budgets."""
 import json
 import os
 import subprocess
@@ -54,6 +55,21 @@ def test_no_step_spills_beyond_its_limit(report):
             assert r["spill_bytes"] <= catalogue.spill_limit(r), r
         if r["dtype"] != "ieee" and r["model"] in catalogue.PUBLISHED:  # (sm_80: 8 B with a head on the border)
             assert r["spill_bytes"] <= (0 if r["target"] == "sm_90a" else 16), r
+
+
+def test_backward_is_compiled_for_every_model_it_takes(report):
+    """The step's backward: each published model in every precision (and the smallest shape class) on
+    both targets, its spills within catalogue.BACKWARD_SPILL_LIMITS (none for the smallest models)."""
+    _, rows, _ = report
+    back = [r for r in rows if r["config"].startswith("backward/")]
+    for model in (*catalogue.PUBLISHED, "min-4x16"):
+        for target in ("sm_80", "sm_90a"):
+            got = {r["dtype"] for r in back if r["model"] == model and r["target"] == target}
+            assert got == {"tf32", "ieee", "fp16", "bf16"}, (model, target, got)
+    for r in back:
+        assert r["spill_bytes"] <= catalogue.backward_spill_limit(r), r
+        if r["model"] == "min-4x16" and r["dtype"] != "ieee":
+            assert r["spill_bytes"] == 0, r
 
 
 @pytest.mark.skipif(not triton.__version__.startswith("3.9"), reason="budgets are set on triton 3.9's SASS")

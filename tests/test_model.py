@@ -121,17 +121,30 @@ def test_rollout_every_matches_repeated_steps(model, x, steps, every):
     want = repeated_steps(model, x, steps, seed, start)
     got = model.rollout(x, steps, seed=seed, start_step=start, every=every, backend="reference")
     T = steps // every
-    assert got.shape == (T,) + tuple(x.shape) and not got.requires_grad
+    assert got.shape == (T,) + tuple(x.shape) and got.requires_grad == (T > 0)  # (trainable weights: it records)
     for t in range(T):
         assert torch.equal(got[t], want[(t + 1) * every - 1])
     final = model.rollout(x, steps, seed=seed, start_step=start, backend="reference")
     assert final.shape == x.shape and torch.equal(final, want[-1])
 
 
-def test_rollout_zero_steps_returns_a_copy(model, x):
+@pytest.mark.parametrize("trainable", [True, False])
+def test_rollout_zero_steps_returns_a_copy(model, x, trainable):
+    model.requires_grad_(trainable)
     y = model.rollout(x, 0)
     assert torch.equal(y, x) and y is not x and y.data_ptr() != x.data_ptr()
     assert model.rollout(x, 0, every=2).shape == (0,) + tuple(x.shape)
+
+
+def test_rollout_records_autograd_only_when_something_requires_grad(model, x):
+    """Like any module call: trainable weights (or a state that requires grad) under grad mode record
+    the graph; a frozen model, or torch.no_grad(), runs the inference path."""
+    assert model.rollout(x, 2, backend="reference").requires_grad
+    with torch.no_grad():
+        assert not model.rollout(x, 2, backend="reference").requires_grad
+    frozen = NCA(model.spec, model.params()).requires_grad_(False)
+    assert not frozen.rollout(x, 2, backend="reference").requires_grad
+    assert frozen.rollout(x.clone().requires_grad_(True), 2, backend="reference").requires_grad
 
 
 def test_frames_streams(model, x):

@@ -208,3 +208,15 @@ def test_float32_reference_close_to_numpy(np_rng):
                      backend="reference")
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.detach().numpy(), numpy_nca.step(x, params, spec, mask), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular", "replicate"])
+@pytest.mark.parametrize("H, W", [(1, 1), (1, 5), (4, 3), (7, 9)])
+def test_perceive_vjp_is_autograds(padding, H, W):
+    """The transposed perception (the fused backward's last stage) equals autograd's VJP of perceive."""
+    spec = texture_spec(padding=padding)
+    g = torch.Generator().manual_seed(H * 10 + W)
+    x = torch.randn(2, spec.channels, H, W, generator=g, dtype=torch.float64)
+    gp = torch.randn(2, spec.channels * spec.n_filters, H, W, generator=g, dtype=torch.float64)
+    want = torch.func.vjp(lambda t: reference.perceive(t, spec), x)[1](gp)[0]
+    torch.testing.assert_close(reference.perceive_vjp(gp, spec), want, atol=1e-12, rtol=0)

@@ -1,15 +1,22 @@
 """``nca-fast bench``: time every backend on the same NCA (see :mod:`nca_fast.bench`)."""
 from __future__ import annotations
 
+import json
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from .. import bench
 from ..bench import cases as C
+from ..bench.distributed import distributed_table, run_distributed
 from ..bench.render import run_render
+from ..bench.report import default_stem
+from ..bench.suite import device_info, machine_info
+from ..bench.train import TRAIN_PROVIDERS, run_train, train_table
+from ..utils.files import atomic_write_bytes
 from .info import load_model
 
 
@@ -36,6 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--no-render", action="store_true",
                    help="skip the high-resolution rendering table (step + pixel-shuffle / LPPN decode)")
+    p.add_argument("--train", action="store_true",
+                   help="instead: time one training iteration (64-step rollout, backward, Adam; batch 8, 72x72) "
+                        "for " + ", ".join(TRAIN_PROVIDERS) + ", and compare their loss curves")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead: strong and weak scaling of sharded rollouts on CPU ranks (gloo), --ranks")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts for --distributed (1 2)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +67,10 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no CUDA device is available")
     gpu = device.type == "cuda"
+    if args.train:
+        return _run_train(args, device)
+    if args.distributed:
+        return _run_distributed(args)
     if args.model:
         model = load_model(args.model)
         name = Path(args.model).stem
@@ -85,4 +102,40 @@ def run(args) -> int:
     print(bench.report.table(report))
     paths = bench.report.write_all(report, Path(args.out), args.name, plot_png=not args.no_plot)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _run_train(args, device: torch.device) -> int:
+    model = load_model(args.model) if args.model else C.default_model("growing")
+    providers = [p.strip() for p in args.providers.split(",")] if args.providers else list(TRAIN_PROVIDERS)
+    iterations = args.repeats or (10 if device.type == "cuda" else 3)
+    size = args.sizes[0] if args.sizes else 72
+    batch = args.batches[0] if args.batches else 8
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    report = run_train(model, device, providers, size=size, batch=batch, iterations=iterations, log=log)
+    report.update(machine=machine_info(), device_info=device_info(device), created=datetime.now().isoformat())
+    table = train_table(report)
+    print(f"{report['device_info']['name']}\n\n{table}")
+    stem = args.name or default_stem({**report, "device": report["device_info"]}) + "-train"
+    out = Path(args.out)
+    atomic_write_bytes(out / f"{stem}.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out / f"{stem}.md", f"{report['device_info']['name']}\n\n{table}".encode())
+    print(f"\nwrote {out / stem}.json, {out / stem}.md")
+    return 0
+
+
+def _run_distributed(args) -> int:
+    model = load_model(args.model) if args.model else C.default_model("growing")
+    size = args.sizes[0] if args.sizes else 256
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    report = run_distributed(model.spec, args.ranks, size=size, steps=args.repeats or 16, log=log)
+    info = {"machine": machine_info(), "created": datetime.now().isoformat(),
+            "device": device_info(torch.device("cpu"))}
+    table = distributed_table(report)
+    print(f"{info['device']['name']}, gloo\n\n{table}")
+    stem = args.name or default_stem(info) + "-distributed"
+    out = Path(args.out)
+    atomic_write_bytes(out / f"{stem}.json", json.dumps({**info, **report}, indent=1).encode())
+    atomic_write_bytes(out / f"{stem}.md", f"{info['device']['name']}, gloo\n\n{table}".encode())
+    print(f"\nwrote {out / stem}.json, {out / stem}.md")
     return 0

@@ -3,14 +3,12 @@ train a high-resolution decoder so that MODEL's grown state renders IMAGE (png/j
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 
 from ..decoders import fit_decoder, save_decoder
 from ..media import load_image
-from ..utils.files import check_output
+from ..utils.files import check_output, same_file
 from .info import BUILTINS, load_model
 from .run import parse_size
 
@@ -36,13 +34,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return a.resolve() == b.resolve()
-
-
 def _check(args) -> torch.device:
     """Every argument check, before any file is read or any work done."""
     if not 1 <= args.scale <= 256 or not 0 <= args.steps <= 10**7 or not 0 <= args.grow_steps <= 2**32 - 1:
@@ -51,7 +42,7 @@ def _check(args) -> torch.device:
         raise ValueError(f"--lr must be a finite positive number, got {args.lr}")
     out = check_output(args.out, (".safetensors",), "--out")
     for what, path in (("model", args.model), ("image", args.image)):
-        if _same_file(out, Path(path)):
+        if same_file(out, path):
             raise ValueError(f"--out {args.out} is the {what} file: refusing to replace an input")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -3,8 +3,11 @@
 ``backend`` follows :mod:`nca_fast.backend` ("cpu" is the reference: decoders have no other CPU
 path). ``precision`` (:mod:`nca_fast.precision`) selects the fused kernels' dot operands and output
 dtype ("ieee": fp32-accurate, float32 out; "fp16" / "bf16": 16-bit operands and output); the
-reference computes in float32 (float64 for a float64 state) whatever it is. Inference only: for a
-differentiable decode call the decoder itself, ``decoder(x)``.
+reference computes in float32 (float64 for a float64 state) whatever it is.
+
+Differentiable: when autograd records the call, the fused decode's backward is the reference
+decoder's vector-Jacobian product, recomputed from the saved state and weights (the forward saves
+nothing of the decoded size), so a decoder trains with the NCA in one graph.
 """
 from __future__ import annotations
 
@@ -40,12 +43,39 @@ def decode(decoder, x: torch.Tensor, *, backend: str = "auto", size=None,
     B, K = x.shape[0], decoder.spec.out_channels
     check_memory(B * K * Ho * Wo * 4, x.device, f"a {B}x{K}x{Ho}x{Wo} decoded image", per_cell=B * K * 4)
     problem = kconfig.decode_problem(decoder.spec, x, size) if backend in ("auto", "triton") else ""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in decoder.parameters()))
     choice = backends.choose(backend, x, fused_problem=problem, cpu_path=False, cpu_preferred=False,
-                             needs_grad=False, what="decode")
+                             needs_grad=needs_grad, what="decode")
     if choice != "triton":
-        with torch.no_grad():
+        with torch.set_grad_enabled(needs_grad):
             return decoder(x, size)
+    if needs_grad:
+        names = list(decoder.spec.parameter_shapes())
+        return _FusedDecode.apply(decoder, size, precision, names, x, *(getattr(decoder, n) for n in names))
     return fused_decode(decoder, x, size=size, precision=precision)
+
+
+class _FusedDecode(torch.autograd.Function):
+    """The fused decode forward; backward: the reference decoder's VJP on the saved state and weights."""
+
+    @staticmethod
+    def forward(ctx, decoder, size, precision, names, x, *params):
+        ctx.decoder, ctx.size, ctx.names = decoder, size, names
+        ctx.save_for_backward(x, *params)
+        return fused_decode(decoder, x, size=size, precision=precision)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, *params = ctx.saved_tensors
+        dec = ctx.decoder
+
+        def ref(xx, *ps):
+            return dec.reference(xx, dict(zip(ctx.names, ps)), dec.spec, ctx.size)
+
+        _, vjp = torch.func.vjp(ref, x.float(), *(p.float() for p in params))
+        grads = vjp(g.float())
+        gx = grads[0].to(x.dtype)
+        return (None, None, None, None, gx, *(gp.to(p.dtype) for gp, p in zip(grads[1:], params)))
 
 
 @torch.no_grad()

@@ -6,9 +6,18 @@ from typing import List
 
 from ..decoders.spec import pixel_shuffle_spec
 from ..spec import NCASpec, growing_spec, texture_spec
-from . import decode, step
+from . import decode, step, step_backward
 from .compile import KernelConfig
-from .config import LPPN_HIDDEN_SIZES, PS_DECODE_TILE, dot_types, head_config, lppn_launch, step_config
+from .config import (
+    BACKWARD_BW,
+    BACKWARD_WARPS,
+    LPPN_HIDDEN_SIZES,
+    PS_DECODE_TILE,
+    dot_types,
+    head_config,
+    lppn_launch,
+    step_config,
+)
 
 _STEP_I32 = ("H", "W", "n_items", "items_per_program", "top", "bot", "left", "right", "step_offset",
              "row0", "col0", "batch0", "fire_threshold")
@@ -55,6 +64,18 @@ def budget(meta: dict):
 SPILL_LIMITS = {"ieee": 256, "max-64x256": 640}
 
 
+# The backward holds its weight-gradient sums (F*CP*HP + HP*CP fp32: 64 registers a thread for the
+# growing model) across its persistent loop, beside a tile's recomputed forward; what does not fit
+# spills. Measured (triton 3.9, sm_90a / sm_80): growing 56-168 B, texture 232-448 B, "ieee" (three
+# TF32 products per dot) up to 1.3 KB; the smallest models none. Held to these ceilings until the
+# sums move out of registers (see README, Training).
+BACKWARD_SPILL_LIMITS = {"ieee": 1536, "": 512}
+
+
+def backward_spill_limit(meta: dict) -> int:
+    return BACKWARD_SPILL_LIMITS["ieee" if meta.get("dtype") == "ieee" else ""]
+
+
 def spill_limit(meta: dict) -> int:
     return max([0] + [v for k, v in SPILL_LIMITS.items() if k in (meta.get("dtype"), meta.get("model"))])
 
@@ -65,6 +86,8 @@ def budget_problems(meta: dict, res: dict) -> List[str]:
     problems = []
     if meta.get("kernel") == "step" and res["spill_bytes"] > spill_limit(meta):
         problems.append(f"spills {res['spill_bytes']} B (limit {spill_limit(meta)} B)")
+    if meta.get("kernel") == "step_backward" and res["spill_bytes"] > backward_spill_limit(meta):
+        problems.append(f"spills {res['spill_bytes']} B (limit {backward_spill_limit(meta)} B)")
     limits = budget(meta)
     if limits:
         wi, bars, ctas = limits
@@ -78,7 +101,7 @@ def budget_problems(meta: dict, res: dict) -> List[str]:
 
 
 def _pointers(ptr: str, names) -> dict:
-    return {n: ("*u8" if n.endswith("pre") or n == "fire_mask" else "*i64" if n == "ctr" else
+    return {n: ("*u8" if n.endswith("pre") or n in ("fire_mask", "life") else "*i64" if n == "ctr" else
                 "*fp32" if n in ("b2", "fscale", "db0", "db1") else ptr) for n in names}
 
 
@@ -102,7 +125,8 @@ def _step(name, model, spec, precision, *, interior, pending, has_mask=False, he
 
 def _finalize(name, model, spec, precision, head=None) -> KernelConfig:
     cfg = step_config(spec, precision)
-    sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "src_pre", "dst", "img", "dw0", "db0", "dw1", "db1"))
+    sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "src_pre", "dst", "life", "img", "dw0", "db0", "dw1",
+                                                   "db1"))
     sig.update({"H": "i32", "W": "i32", "n_items": "i32", "items_per_program": "i32", "threshold": "fp32"})
     ce = cfg.finalize_constexprs()
     if head:
@@ -151,6 +175,40 @@ def step_configs() -> List[KernelConfig]:
     return configs
 
 
+_BACKWARD_I32 = ("H", "W", "n_items", "items_per_program", "step_offset", "row0", "col0", "batch0",
+                 "fire_threshold")
+_BACKWARD_F32 = ("step_size", "p_lo", "p_hi", "h_lo", "h_hi", "u_lo", "u_hi", "s_lo", "s_hi")
+
+
+def _backward(name, model, spec, precision, has_mask=False) -> KernelConfig:
+    cfg = step_config(spec, precision)
+    sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "life", "fire_mask", "ctr", "gout", "w1", "wb", "w2", "b2",
+                                                   "fscale"))
+    sig.update({n: "*fp32" for n in ("w1", "wb", "w2", "gx", "gp", "part")})  # (the backward's weights: fp32)
+    sig.update({n: "i32" for n in _BACKWARD_I32})
+    sig.update({n: "fp32" for n in _BACKWARD_F32})
+    ce = cfg.backward_constexprs(has_mask)
+    sig.update({n: "constexpr" for n in ce})
+    meta = dict(kernel="step_backward", model=model, dtype=precision, phase="backward", interior=False,
+                cells_per_tile=BACKWARD_BW, head=False, mask=has_mask)
+    return KernelConfig(name, step_backward.nca_step_backward_kernel, sig, ce, num_warps=BACKWARD_WARPS, num_stages=1,
+                        note=f"cells {BACKWARD_BW}", meta=meta)
+
+
+def backward_configs() -> List[KernelConfig]:
+    """The step's backward for every model it takes (up to 16 channels and 128 hidden units; wider ones
+    go to the reference's VJP), in every precision, and with an explicit mask."""
+    configs = []
+    for model, spec in {**PUBLISHED, **SHAPES}.items():
+        for precision in ("tf32", "ieee", "fp16", "bf16"):
+            if step_config(spec, precision).backward_problem():
+                continue
+            configs.append(_backward(f"backward/{model}/{precision}", model, spec, precision))
+        if not step_config(spec, "tf32").backward_problem() and model in PUBLISHED:
+            configs.append(_backward(f"backward/{model}/tf32/mask", model, spec, "tf32", has_mask=True))
+    return configs
+
+
 def decode_configs() -> List[KernelConfig]:
     """The decode-only kernels: every padded hidden width x precision."""
     cfgs = []
@@ -184,4 +242,4 @@ def decode_configs() -> List[KernelConfig]:
 
 
 def compile_configs() -> List[KernelConfig]:
-    return step_configs() + decode_configs()
+    return step_configs() + backward_configs() + decode_configs()

@@ -80,6 +80,9 @@ def bytes_per_cell_update(spec: NCASpec, dtype: torch.dtype) -> int:
 BW = 64  # interior cells per tile: one row segment; wgmma's M of one warpgroup
 BORDER_BW = 32  # ring cells per border tile (64 from 64 channels): fewer registers for the wrapped address math
 CHANNEL_CHUNK = 16  # input channels per perception pass (layer 1's K loop)
+BACKWARD_BW = 16  # cells per tile of the backward: its weight-gradient sums hold 64 registers all along
+BACKWARD_WARPS = 4
+BACKWARD_HC = 64  # hidden units per chunk of the backward's MLP: M of its weight-gradient dots (4 warps x 16)
 W_RESIDENT_BYTES = 96 * 1024  # weights up to this size stay in shared memory for the whole launch
 _STATES = {"tf32": "fp32", "ieee": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _PERC_T = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -138,6 +141,22 @@ class StepConfig:
     def tile(self, interior: bool) -> int:
         """Cells per tile of the interior or the border kernel."""
         return self.BW if interior else self.BORDER_BW
+
+    def backward_problem(self) -> str:
+        """Why the fused backward cannot run this configuration ('' when it can; else the op's
+        backward recomputes the step in PyTorch)."""
+        if self.CP > CHANNEL_CHUNK or pow2(self.HP) > 128:
+            return (f"the fused backward takes up to {CHANNEL_CHUNK} channels and 128 hidden units, this model has "
+                    f"{self.C} and {self.HP}")
+        return ""
+
+    def backward_constexprs(self, has_mask: bool) -> dict:
+        d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "TAPS", "NEEDS", "PAD", "ALPHA", "ALIVE", "HAS_B1",
+                                           "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP", "S_CLAMP", "SPLIT")}
+        perc = "fp32" if self.STATE == "bf16" and interpreting() else self.STATE
+        d.update(HAS_MASK=has_mask, PERC_T=_PERC_T[perc], FAST=not interpreting(), BW=BACKWARD_BW,
+                 HC=min(BACKWARD_HC, pow2(self.HP)), GPREC="tf32x3" if self.SPLIT else "tf32", **self.dot_constexprs())
+        return d
 
     def margin(self, pending: bool) -> int:
         """How far from the border a tile of the interior kernel must stay: its neighbours, and in

@@ -15,6 +15,7 @@ from ..spec import NCASpec
 from . import decode as decode_kernels
 from .config import PS_DECODE_TILE, HeadConfig, StepConfig, dot_types, lppn_launch
 from .step import nca_finalize_kernel, nca_step_kernel
+from .step_backward import nca_step_backward_kernel
 
 
 def grid_programs(n_tiles: int, device: torch.device) -> int:
@@ -107,9 +108,37 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
             **cfg.constexprs(pending, update_mask is not None, interior), **head_ce)
 
 
+def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, ctr, *, origin=(0, 0),
+                         batch_offset: int = 0, fire_rate: float, update_mask: Optional[torch.Tensor] = None):
+    """The backward of one (non-pending) step ``x -> y`` given ``g = dL/dy`` (both channels-last) and,
+    for alive models, ``life`` (u8 ``[B, H, W]``, from ``launch_finalize``). Returns (``gy`` fp32
+    ``[B, C, H, W]`` channels-last: the state gradient's residual path; ``gp`` fp32 ``[B, H, W, F*CP]``:
+    the perception gradients; the weight gradients summed over programs in program order, fp32
+    ``[F*CP*HP + HP*CP + HP + CP]``: gW1, gW2, gb1, gb2 in the packed layouts)."""
+    _check_channels_last(x, g)
+    B, _, H, W = x.shape
+    n = B * H * W
+    w1, wb, w2, b2, fscale = packed
+    ce = cfg.backward_constexprs(update_mask is not None)
+    gy = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+    gp = torch.empty(B, H, W, cfg.F * cfg.CP, dtype=torch.float32, device=x.device)
+    n_tiles = -(-n // ce["BW"])
+    programs = grid_programs(n_tiles, x.device)
+    part = torch.empty(programs, cfg.F * cfg.CP * cfg.HP + cfg.HP * cfg.CP + cfg.HP + cfg.CP, dtype=torch.float32,
+                       device=x.device)
+    mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else ctr
+    nca_step_backward_kernel[(programs,)](
+        x, life if life is not None else ctr, mask, ctr, g, w1, wb, w2, b2, fscale, gy, gp, part,
+        H, W, n, -(-n_tiles // programs), 0, i32(origin[0]), i32(origin[1]), i32(batch_offset),
+        rng.fire_threshold(fire_rate), float(spec.step_size), *_clamp_args(spec),
+        num_warps=4, num_stages=1, **ce)
+    return gy, gp, part.sum(0)
+
+
 def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Optional[HeadConfig] = None,
-                    head_weights=(), image=None) -> None:
-    """Pending form ``(src, src_pre)`` -> the true state in ``dst`` (and its frame with ``head``)."""
+                    head_weights=(), image=None, life: Optional[torch.Tensor] = None) -> None:
+    """Pending form ``(src, src_pre)`` -> the true state in ``dst`` (and its frame with ``head``; each
+    cell's alive decision in ``life``, u8 ``[B, H, W]``, when given)."""
     _check_channels_last(src, dst)
     B, _, H, W = src.shape
     n_items = B * H * W
@@ -117,8 +146,9 @@ def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Opt
     dec_args = (image, *head_weights) if head is not None else (dst,) * 5
     programs = grid_programs(n_tiles, src.device)
     nca_finalize_kernel[(programs,)](
-        src, src_pre, dst, *dec_args, H, W, n_items, -(-n_tiles // programs), float(spec.alive_threshold),
-        **cfg.finalize_constexprs(), num_warps=4 if head is None else cfg.num_warps, num_stages=cfg.num_stages,
+        src, src_pre, dst, life if life is not None else src_pre, *dec_args, H, W, n_items, -(-n_tiles // programs),
+        float(spec.alive_threshold), **cfg.finalize_constexprs(), LIFE=life is not None,
+        num_warps=4 if head is None else cfg.num_warps, num_stages=cfg.num_stages,
         **(dict(DECODE=True, **head.constexprs()) if head is not None else {}))
 
 

@@ -3,7 +3,7 @@ zero padded to the tile sizes, matrices in the dot dtype, biases in fp32), one p
 one cache that keeps a module's packed weights until its parameters change."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, NamedTuple, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -35,30 +35,35 @@ def cached(owner: torch.nn.Module, key: tuple, pack: Callable[[], object]):
 
 
 def _tf32_split(w: torch.Tensor) -> torch.Tensor:
-    """[2, *w.shape]: w's TF32 part (low 13 mantissa bits cleared) and the exact remainder."""
-    hi = (w.view(torch.int32) & -8192).view(torch.float32)
+    """[2, *w.shape]: w's TF32 part (low 13 mantissa bits cleared) and the exact remainder; gradients
+    reach ``w`` through the remainder (the TF32 part is a constant of the bit mask)."""
+    hi = (w.detach().view(torch.int32) & -8192).view(torch.float32)
     return torch.stack([hi, w - hi])
 
 
-def pack_step(params: Mapping[str, torch.Tensor], spec: NCASpec, precision: str, device):
+def pack_step(params: Mapping[str, torch.Tensor], spec: NCASpec, precision: str, device,
+              dtype: Optional[torch.dtype] = None):
     """Step weights: w1 [F, CP, HP], the bias block wb [16, HP] (row 0: b1, multiplied by a column
-    of ones on the tensor cores) and w2 [HP, CP] in the dot dtype, zero padded (HP: see
-    config.hidden_chunks; for "ieee" each as [2, ...]: its TF32 part, then the remainder, see
-    step._mma); b2 [CP] and the filter scales [F] in fp32."""
+    of ones on the tensor cores) and w2 [HP, CP] in ``dtype`` (default: the dot dtype; float32 for
+    training, which the op casts for its forward), zero padded (HP: see config.hidden_chunks; for
+    "ieee" each as [2, ...]: its TF32 part, then the remainder, see step._mma); b2 [CP] and the filter
+    scales [F] in fp32. Differentiable: under autograd the packed tensors carry the parameters'
+    gradients back (the fused backward)."""
     C, F_, CP = spec.channels, spec.n_filters, pow2(spec.channels)
     HP = hidden_chunks(spec.hidden, CP, precision)[1]
-    wdt = dot_dtype(precision)
-    w1 = torch.zeros(F_, CP, HP, dtype=wdt, device=device)
-    w1[:, :C, :spec.hidden] = params["w1"].detach().t().reshape(F_, C, spec.hidden)
-    w2 = torch.zeros(HP, CP, dtype=wdt, device=device)
-    w2[:spec.hidden, :C] = params["w2"].detach().t()
-    wb = torch.zeros(16, HP, dtype=wdt, device=device)
-    b2 = torch.zeros(CP, dtype=torch.float32, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    wt = dict(dtype=dtype or dot_dtype(precision), device=device)
+    w1 = torch.zeros(F_, CP, HP, **wt)
+    w1[:, :C, :spec.hidden] = params["w1"].to(**wt).t().reshape(F_, C, spec.hidden)
+    w2 = torch.zeros(HP, CP, **wt)
+    w2[:spec.hidden, :C] = params["w2"].to(**wt).t()
+    wb = torch.zeros(16, HP, **wt)
+    b2 = torch.zeros(CP, **f32)
     if "b1" in params:
-        wb[0, :spec.hidden] = params["b1"].detach()
+        wb[0, :spec.hidden] = params["b1"].to(**wt)
     if "b2" in params:
-        b2[:C] = params["b2"].detach()
-    fscale = torch.tensor(filter_scales(spec), dtype=torch.float32, device=device)
+        b2[:C] = params["b2"].to(**f32)
+    fscale = torch.tensor(filter_scales(spec), **f32)
     if precision == "ieee":
         w1, wb, w2 = (_tf32_split(w) for w in (w1, wb, w2))
     return w1, wb, w2, b2, fscale

@@ -290,9 +290,9 @@ def nca_step_kernel(
     wbs = ()
     for c in tl.static_range(NCH):
         for s in tl.static_range(NW):
-            w2s = w2s + (tl.load(w2 + s * HP * CP + (c * HC + hid)[:, None] * CP + chan[None, :]),)
+            w2s = w2s + (tl.load(w2 + s * HP * CP + (c * HC + hid)[:, None] * CP + chan[None, :]).to(DOT_T),)
             if HAS_B1:
-                wbs = wbs + (tl.load(wb + s * 16 * HP + kk[:, None] * HP + c * HC + hid[None, :]),)
+                wbs = wbs + (tl.load(wb + s * 16 * HP + kk[:, None] * HP + c * HC + hid[None, :]).to(DOT_T),)
     if HAS_B2:
         bias2 = tl.load(b2 + chan)
     if W_RESIDENT:
@@ -302,7 +302,7 @@ def nca_step_kernel(
                 for c in tl.static_range(NCH):
                     for s in tl.static_range(NW):
                         w1s = w1s + (tl.load(w1 + ((s * F + f) * CP + cc * CC + ch[:, None]) * HP + c * HC
-                                             + hid[None, :]),)
+                                             + hid[None, :]).to(DOT_T),)
     seed = tl.load(ctr)
     step = (tl.load(ctr + 1) + step_offset).to(tl.uint32)
     for it in range(items_per_program):
@@ -397,10 +397,10 @@ def nca_step_kernel(
                         w1lo = w1s[((f * NCC + cc) * NCH + c) * NW + NW - 1]
                     else:  # too large to stay in shared memory: streamed from L2 each tile
                         rows = (f * CP + cc * CC + ch)[:, None] * HP + c * HC + hid[None, :]
-                        w1f = tl.load(w1 + rows)
+                        w1f = tl.load(w1 + rows).to(DOT_T)
                         w1lo = w1f
                         if SPLIT:
-                            w1lo = tl.load(w1 + F * CP * HP + rows)
+                            w1lo = tl.load(w1 + F * CP * HP + rows).to(DOT_T)
                     acc = _mma(pts[f], w1f, w1lo, acc, SPLIT, False, PREC)
             h = _relu_to(acc, DOT_T, FAST)
             if H_CLAMP:
@@ -455,16 +455,17 @@ def nca_step_kernel(
 
 
 @triton.jit
-def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_items, items_per_program, threshold,
-                        C: tl.constexpr, CP: tl.constexpr, ALPHA: tl.constexpr, APAD: tl.constexpr,
-                        BW: tl.constexpr,
+def nca_finalize_kernel(src, src_pre, dst, life, img, dw0, db0, dw1, db1, H, W, n_items, items_per_program,
+                        threshold, C: tl.constexpr, CP: tl.constexpr, ALPHA: tl.constexpr, APAD: tl.constexpr,
+                        BW: tl.constexpr, LIFE: tl.constexpr = False,
                         DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3,
                         N: tl.constexpr = 3, DH: tl.constexpr = 0, NPAD: tl.constexpr = 16,
                         NB: tl.constexpr = 16, DOT_T: tl.constexpr = tl.float32,
                         PREC: tl.constexpr = "tf32"):
     """Pending form -> true state: ``dst = y * (pre & alive(y))`` over ``BW`` consecutive cells per
     tile (channels-last), and with DECODE its pixel-shuffle frame. Memory-bound: reads C values + a
-    byte per cell (the 3x3 alpha re-reads hit cache), writes C values (+ K*R*R pixels)."""
+    byte per cell (the 3x3 alpha re-reads hit cache), writes C values (+ K*R*R pixels). LIFE: also
+    writes the alive decision, a byte per cell (what the backward needs: ``step_backward.py``)."""
     m = tl.arange(0, BW)
     chan = tl.arange(0, CP)
     HW = H * W
@@ -476,6 +477,8 @@ def nca_finalize_kernel(src, src_pre, dst, img, dw0, db0, dw1, db1, H, W, n_item
         i = (cell % HW) // W
         j = cell % W
         keep = _keep_at(src, src_pre, cell, i, j, H, W, C, ALPHA, threshold, APAD, valid)
+        if LIFE:
+            tl.store(life + cell, keep.to(tl.uint8), mask=valid)
         x = tl.load(src + cell[:, None] * C + chan[None, :], mask=valid[:, None] & (chan[None, :] < C),
                     other=0.0).to(tl.float32)
         x = x * keep.to(tl.float32)[:, None]

@@ -102,6 +102,14 @@ def check_output(path, suffixes: Sequence[str], what: str = "output") -> Path:
     return path
 
 
+def same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (by inode when both exist, else by resolved path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -1,0 +1,17 @@
+"""Training: Distill's growing recipe (:func:`train_growing`, ``nca-fast train``) and texture
+training with a feature network you supply (:func:`train_texture`). Rollouts run on the model's
+differentiable backends (the fused step and its backward on CUDA, the reference on a CPU)."""
+from .growing import (
+    GrowingConfig,
+    TrainResult,
+    distill_weights,
+    load_target,
+    normalise_gradients,
+    rgba_loss,
+    train_growing,
+)
+from .texture import TextureConfig, gram, style_loss, train_texture
+
+__all__ = ["GrowingConfig", "TrainResult", "distill_weights", "load_target", "normalise_gradients", "rgba_loss",
+           "train_growing",
+           "TextureConfig", "gram", "style_loss", "train_texture"]

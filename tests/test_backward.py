@@ -1,0 +1,213 @@
+"""Training through the fused path: the fused step's backward against the reference's autograd (under
+the Triton interpreter: every padding mode, alive and not, clamps, explicit masks, fp32 and 16-bit),
+bit-reproducible gradients, the reference fallback for wide models, checkpointed rollouts equal to
+full ones, and a float64 gradcheck of the reference step."""
+import os
+
+import pytest
+import torch
+
+import nca_fast as nf
+from nca_fast import rng
+from nca_fast.kernels import op as kop
+from nca_fast.spec import NCASpec
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="the fused path needs a GPU or the Triton interpreter")
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _state(spec, g, B=2, H=7, W=9):
+    x = torch.randn(B, spec.channels, H, W, generator=g) * 0.5
+    if spec.alive_channel is not None:  # live and dead cells, so that both alive masks matter
+        x[:, spec.alive_channel] = (torch.rand(B, H, W, generator=g) < 0.3) * torch.rand(B, H, W, generator=g)
+    return x.to(DEVICE)
+
+
+def _grads(model, x, gout, backend, dtype=torch.float32, **kw):
+    """(y, dL/dx, {name: dL/dparam}) for L = sum(y * gout)."""
+    model.zero_grad()
+    xx = x.to(dtype).requires_grad_(True)
+    y = model.step(xx, backend=backend, **kw)
+    (y.float() * gout).sum().backward()
+    return y.detach().float(), xx.grad.float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _close(a, b, rel):
+    scale = max(1.0, float(b.abs().max()))
+    assert float((a - b).abs().max()) <= rel * scale, (float((a - b).abs().max()), scale)
+
+
+CASES = {
+    "growing-zeros": nf.growing_spec(),
+    "growing-circular-alive-replicate": nf.growing_spec(padding="circular", alive_padding="replicate"),
+    "growing-replicate-clamps": nf.growing_spec(padding="replicate", perception_clamp=(-1.0, 1.0),
+                                                hidden_clamp=(0.0, 2.0), update_clamp=(-0.05, 0.05),
+                                                state_clamp=(-1.5, 1.5)),
+    "texture": nf.texture_spec(),
+    "no-biases-4ch": NCASpec(channels=4, hidden=24, alive_channel=None, hidden_bias=False, update_bias=False,
+                             padding="circular", step_size=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_backward_matches_reference_autograd(name):
+    spec = CASES[name]
+    g = torch.Generator().manual_seed(hash(name) % 1000)
+    model = nf.NCA(spec, init_seed=3).to(DEVICE)
+    model.fp32_matmul = "ieee"
+    x = _state(spec, g)
+    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    yt, gxt, gpt = _grads(model, x, gout, "triton", seed=4, step=1)
+    yr, gxr, gpr = _grads(model, x, gout, "reference", seed=4, step=1)
+    _close(yt, yr, 1e-5)
+    _close(gxt, gxr, 1e-5)
+    for n in gpr:
+        _close(gpt[n], gpr[n], 1e-5)
+    assert float(gxr.abs().sum()) > 0 and all(float(v.abs().sum()) > 0 for v in gpr.values())
+
+
+def test_explicit_update_mask_and_fire_rate():
+    spec = nf.growing_spec()
+    g = torch.Generator().manual_seed(2)
+    model = nf.NCA(spec, init_seed=4).to(DEVICE)
+    model.fp32_matmul = "ieee"
+    x = _state(spec, g)
+    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    mask = (torch.rand(2, 1, 7, 9, generator=g) < 0.5).to(DEVICE)
+    for kw in ({"update_mask": mask}, {"fire_rate": 1.0, "origin": (3, -5)}):
+        got = _grads(model, x, gout, "triton", **kw)
+        want = _grads(model, x, gout, "reference", **kw)
+        for a, b in zip(got[:2], want[:2]):
+            _close(a, b, 1e-5)
+        for n in want[2]:
+            _close(got[2][n], want[2][n], 1e-5)
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 5e-2), (torch.bfloat16, 5e-2)])
+def test_16bit_states(dtype, rel):
+    """16-bit forward, gradients in fp32 inside (returned in the state's dtype), against the reference
+    autograd in fp32 on the same rounded state. Compared by norm: a hidden pre-activation within 16-bit
+    rounding of zero flips its ReLU and moves that cell's whole contribution (a few of 126 cells here)."""
+    spec = nf.texture_spec()
+    g = torch.Generator().manual_seed(5)
+    model = nf.NCA(spec, init_seed=5).to(DEVICE)
+    x = _state(spec, g).to(dtype).float()
+    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    _, gxt, gpt = _grads(model, x, gout, "triton", dtype=dtype, seed=2)
+    _, gxr, gpr = _grads(model, x, gout, "reference", seed=2)
+    assert float((gxt - gxr).norm() / gxr.norm()) < rel / 5
+    for n in gpr:
+        assert float((gpt[n] - gpr[n]).norm() / gpr[n].norm()) < rel, n
+
+
+def test_gradients_are_bit_identical_run_to_run():
+    spec = nf.growing_spec()
+    g = torch.Generator().manual_seed(6)
+    model = nf.NCA(spec, init_seed=6).to(DEVICE)
+    x = _state(spec, g, B=2, H=11, W=13)
+    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    a = _grads(model, x, gout, "triton", seed=1)
+    b = _grads(model, x, gout, "triton", seed=1)
+    assert torch.equal(a[1], b[1]) and all(torch.equal(a[2][n], b[2][n]) for n in a[2])
+
+
+def test_wide_models_fall_back_to_the_reference_backward(monkeypatch):
+    """32 channels: beyond the fused backward's reach; the op's backward recomputes through the reference."""
+    spec = nf.growing_spec(channels=32, hidden=64)
+    g = torch.Generator().manual_seed(7)
+    model = nf.NCA(spec, init_seed=7).to(DEVICE)
+    model.fp32_matmul = "ieee"
+    x = _state(spec, g)
+    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    used = []
+    monkeypatch.setattr(kop, "_reference_backward", lambda *a: used.append(1) or REF(*a))
+    got = _grads(model, x, gout, "triton", seed=3)
+    want = _grads(model, x, gout, "reference", seed=3)
+    assert used
+    _close(got[1], want[1], 1e-5)
+    for n in want[2]:
+        _close(got[2][n], want[2][n], 1e-5)
+
+
+REF = kop._reference_backward
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_checkpointed_rollout_equals_the_full_one(backend):
+    """A rollout's gradients do not depend on how it is cut into checkpointed segments (bit for bit),
+    and on the fused path they match the reference's."""
+    spec = nf.growing_spec()
+    g = torch.Generator().manual_seed(8)
+    model = nf.NCA(spec, init_seed=8).to(DEVICE)
+    model.fp32_matmul = "ieee"
+    x = _state(spec, g, B=1, H=8, W=8)
+    x[:, 3:, 3:5, 3:5] = 1.0
+
+    def run(every, be=backend):
+        model.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        y = model.rollout(xx, 6, seed=2, backend=be, checkpoint_every=every)
+        y[:, :4].square().sum().backward()
+        return y.detach(), xx.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    full, seg2, seg4 = run(6), run(2), run(4)
+    for other in (seg2, seg4):
+        assert torch.equal(other[0], full[0]) and torch.equal(other[1], full[1])
+        assert all(torch.equal(other[2][n], full[2][n]) for n in full[2])
+    if backend == "triton":
+        ref = run(3, "reference")
+        _close(full[1], ref[1], 1e-4)
+        for n in ref[2]:
+            _close(full[2][n], ref[2][n], 1e-4)
+
+
+def test_rollout_every_keeps_the_graph():
+    spec = nf.texture_spec()
+    model = nf.NCA(spec, init_seed=9).to(DEVICE)
+    x = (torch.rand(1, spec.channels, 6, 6) - 0.5).to(DEVICE)
+    frames = model.rollout(x, 4, every=2, backend="triton", checkpoint_every=3)
+    assert frames.shape == (2, 1, spec.channels, 6, 6) and frames.requires_grad
+    frames.sum().backward()
+    assert model.w1.grad is not None and model.w1.grad.abs().sum() > 0
+
+
+def test_reference_step_gradcheck_float64():
+    spec = NCASpec(channels=4, hidden=6, padding="circular", hidden_clamp=(0.0, 3.0))
+    model = nf.NCA(spec, init_seed=1).double()
+    x = (torch.rand(1, 4, 4, 5, dtype=torch.float64) * 0.5 + 0.1).requires_grad_(True)
+    mask = rng.update_mask(1, 4, 5, seed=0, step=0, fire_rate=0.5)
+    params = tuple(model.parameters())
+
+    def f(xx, *ps):
+        return nf.reference.step(xx, dict(zip(model.spec.parameter_shapes(), ps)), spec, mask)
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["pixel_shuffle", "lppn"])
+def test_fused_decode_trains_with_the_nca(kind):
+    """A rollout and a fused decode in one graph: the NCA's and the decoder's gradients match the
+    reference path's."""
+    from nca_fast.decoders import build_decoder, decode, lppn_spec, pixel_shuffle_spec
+
+    spec = nf.texture_spec()
+    dspec = (pixel_shuffle_spec(spec.channels, scale=3, out_channels=3, hidden=16) if kind == "pixel_shuffle"
+             else lppn_spec(spec.channels, scale=3, out_channels=3, hidden=16, layers=2))
+    model = nf.NCA(spec, init_seed=10).to(DEVICE)
+    model.fp32_matmul = "ieee"
+    dec = build_decoder(dspec, init_seed=11).to(DEVICE)
+    x = (torch.rand(1, spec.channels, 5, 7, generator=torch.Generator().manual_seed(12)) - 0.5).to(DEVICE)
+
+    def grads(backend):
+        model.zero_grad()
+        dec.zero_grad()
+        img = decode(dec, model.rollout(x, 2, seed=1, backend=backend), backend=backend)
+        img.square().mean().backward()
+        return img.detach(), {n: p.grad.clone() for n, p in [*model.named_parameters(), *dec.named_parameters()]}
+
+    (it, gt), (ir, gr) = grads("triton"), grads("reference")
+    _close(it, ir, 1e-5)
+    for n in gr:
+        _close(gt[n], gr[n], 1e-4)
+        assert float(gr[n].abs().sum()) > 0, n

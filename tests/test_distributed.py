@@ -1,0 +1,160 @@
+"""Sharded rollouts on torch.distributed (gloo, CPU processes): bit for bit the single-process
+rollout for 2 and 4 ranks, zeros and circular padding, alive and texture models, heights not divisible
+by the ranks; sharded checkpoints that resume on another number of ranks; a dead rank stops the others
+with an error within the timeout."""
+import datetime
+import json
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nca_fast as nf
+from nca_fast.distributed import Layout, block_of, load_rows, row_blocks, sharded_rollout, steps_per_exchange
+from nca_fast.distributed.__main__ import main as distributed_main
+from nca_fast.distributed.blocks import max_steps_per_exchange
+
+pytest.importorskip("safetensors", reason="sharded states are safetensors files (the formats extra)")
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+MODELS = {
+    "growing-zeros": nf.growing_spec(channels=8, hidden=16),
+    "growing-circular": nf.growing_spec(channels=8, hidden=16, padding="circular"),
+    "texture": nf.texture_spec(hidden=24),
+}
+
+
+def _init(rank, world, tmp, timeout=60.0):
+    torch.set_num_threads(1)  # (the reference's 1x1 convolutions split their work by thread count)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
+
+
+def _state(spec, B, H, W):
+    g = torch.Generator().manual_seed(H * 100 + W)
+    x = torch.rand(B, spec.channels, H, W, generator=g) - 0.4
+    if spec.alive_channel is not None:
+        x[:, spec.alive_channel] = (torch.rand(B, H, W, generator=g) < 0.4).float()
+    return x
+
+
+def _rollout_worker(rank, world, tmp, name, H, W, steps, backend, k):
+    try:
+        _init(rank, world, tmp)
+        spec = MODELS[name]
+        model = nf.NCA(spec, init_seed=5).requires_grad_(False)
+        lay = Layout.make(H, W, rank, world, spec.padding == "circular")
+        stats = {}
+        out = sharded_rollout(model, block_of(_state(spec, 2, H, W), lay), lay, steps, seed=7, start_step=3,
+                              backend=backend, steps_per_exchange_=k, stats=stats)
+        torch.save({"block": out, "rows": torch.tensor([lay.r0, lay.r1]), "rounds": torch.tensor(stats["rounds"]),
+                    "k": torch.tensor(stats["steps_per_exchange"])}, f"{tmp}/rank{rank}.pt")
+        dist.destroy_process_group()
+    except Exception:
+        open(f"{tmp}/error{rank}.txt", "w").write(traceback.format_exc())
+        raise
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("world, H, k", [(2, 13, None), (4, 19, 2), (2, 16, 1)])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sharded_rollout_is_the_single_process_rollout(tmp_path, name, world, H, k, backend):
+    W, steps = 10, 7
+    spec = MODELS[name]
+    torch.set_num_threads(1)
+    model = nf.NCA(spec, init_seed=5).requires_grad_(False)
+    want = model.rollout(_state(spec, 2, H, W), steps, seed=7, start_step=3, backend=backend)
+    mp.spawn(_rollout_worker, args=(world, str(tmp_path), name, H, W, steps, backend, k), nprocs=world)
+    rows = []
+    for r in range(world):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        r0, r1 = got["rows"].tolist()
+        rows.append((r0, r1))
+        assert torch.equal(got["block"], want[:, :, r0:r1]), (r, (got["block"] - want[:, :, r0:r1]).abs().max())
+        if k is not None:  # (capped where the blocks are too short for k * radius-row halos)
+            k_used = min(k, max_steps_per_exchange(spec, H, world))
+            assert int(got["k"]) == k_used and int(got["rounds"]) == -(-steps // k_used)
+    assert rows == row_blocks(H, world)
+
+
+def _cli_worker(rank, world, tmp, argv):
+    try:
+        _init(rank, world, tmp)
+        assert distributed_main(argv) == 0
+    except Exception:
+        open(f"{tmp}/error{rank}.txt", "w").write(traceback.format_exc())
+        raise
+
+
+def test_cli_checkpoints_resume_on_other_ranks_bit_for_bit(tmp_path):
+    """8 steps on 2 ranks with a checkpoint at step 4; resumed from it on 3 ranks: the same final state,
+    as the single-process rollout; the image written as one tile per rank."""
+    base = ["growing", "--size", "14x9", "--steps", "8", "--seed", "3", "--backend", "cpu"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b, tmp_path / "r1", tmp_path / "r2"):
+        d.mkdir()
+    mp.spawn(_cli_worker, args=(2, str(tmp_path / "r1"), base + ["--out", str(a), "--checkpoint-every", "4"]),
+             nprocs=2)
+    (b / "checkpoint").mkdir()
+    for f in (a / "checkpoint").iterdir():
+        (b / "checkpoint" / f.name).write_bytes(f.read_bytes())
+    mp.spawn(_cli_worker, args=(3, str(tmp_path / "r2"), base + ["--out", str(b), "--resume"]), nprocs=3)
+    got_a, index = load_rows(a / "state", 0, 14)
+    got_b, _ = load_rows(b / "state", 0, 14)
+    assert index["step"] == 8 and torch.equal(got_a, got_b)
+    model = nf.NCA(nf.growing_spec(name="growing"))
+    with torch.no_grad():
+        want = model.rollout(model.seed(1, 14, 9), 8, seed=3, backend="cpu")
+    assert torch.equal(got_a, want)
+    assert sorted(p.name for p in (b / "tiles").iterdir()) == [f"tile-{r:05d}.png" for r in range(3)]
+
+
+def _dying_worker(rank, world, tmp):
+    _init(rank, world, tmp, timeout=5.0)
+    spec = MODELS["growing-zeros"]
+    model = nf.NCA(spec, init_seed=5).requires_grad_(False)
+    lay = Layout.make(20, 8, rank, world, False)
+    if rank == 1:
+        os._exit(3)  # dies before its first exchange
+    t = time.perf_counter()
+    try:
+        sharded_rollout(model, block_of(_state(spec, 1, 20, 8), lay), lay, 6, backend="cpu")
+    except RuntimeError as e:
+        open(f"{tmp}/rank0.txt", "w").write(f"{time.perf_counter() - t:.1f} {e}")
+        os._exit(0)
+    os._exit(1)
+
+
+def test_a_dead_rank_stops_the_others_within_the_timeout(tmp_path):
+    ctx = mp.start_processes(_dying_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    t = time.perf_counter()
+    for p in ctx.processes:
+        p.join(60)
+    assert time.perf_counter() - t < 60 and all(not p.is_alive() for p in ctx.processes)
+    assert ctx.processes[0].exitcode == 0 and ctx.processes[1].exitcode == 3
+    seconds, message = (tmp_path / "rank0.txt").read_text().split(" ", 1)
+    assert float(seconds) < 30 and message
+
+
+def test_steps_per_exchange_cost_model():
+    spec = nf.growing_spec()
+    assert steps_per_exchange(spec, 64, 4096, 4) > steps_per_exchange(spec, 16384, 4096, 4)
+    assert steps_per_exchange(spec, 64, 40, 4, latency_s=1.0) == 2  # capped: blocks of 10 rows, radius 2
+    with pytest.raises(ValueError, match="cannot split 3 rows across 4 ranks"):
+        row_blocks(3, 4)
+
+
+def test_bench_distributed_reports_scaling_and_exchange_volume(tmp_path, capsys):
+    from nca_fast import cli
+
+    assert cli.main(["bench", "--distributed", "--ranks", "1", "2", "--sizes", "16", "--repeats", "2",
+                     "--out", str(tmp_path), "--name", "d"]) == 0
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert [r["ranks"] for r in report["strong"]] == [1, 2] and report["weak"][1]["grid"] == "32x16"
+    assert report["strong"][0]["halo_bytes_per_step_per_rank"] == 0
+    assert report["strong"][1]["halo_bytes_per_step_per_rank"] > 0 and report["strong"][0]["efficiency"] == 1.0
+    assert "| weak | 2 | 32x16 |" in capsys.readouterr().out
