@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from .commands import bench, fit_decoder, info, kernels, run, train
+from .commands import bench, export, fit_decoder, info, kernels, run, train
 
-COMMANDS = (info, run, bench, kernels, fit_decoder, train)
+COMMANDS = (info, run, bench, kernels, fit_decoder, train, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
