@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from .commands import bench, export, fit_decoder, info, kernels, run, train
+from .commands import bench, export, fit_decoder, info, kernels, run, train, view
 
-COMMANDS = (info, run, bench, kernels, fit_decoder, train, export)
+COMMANDS = (info, run, bench, kernels, fit_decoder, train, export, view)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from ..model import NCA
 from ..utils.files import MAX_MODEL_BYTES, read_input
@@ -18,7 +18,8 @@ from . import native, textures, tfjs, torch_port, webgl
 from .cells2pixels import cells2pixels_decoder, cells2pixels_nca, load_cells2pixels
 from .errors import ModelFormatError
 
-__all__ = ["load", "save", "ModelFormatError", "load_cells2pixels", "cells2pixels_nca", "cells2pixels_decoder"]
+__all__ = ["load", "save", "model_names", "ModelFormatError", "load_cells2pixels", "cells2pixels_nca",
+           "cells2pixels_decoder"]
 
 save = native.save
 # What a malformed file makes an importer's structural checks trip over, beyond its own errors.
@@ -52,6 +53,18 @@ def load(path, name: Optional[str] = None) -> NCA:
     keys = [str(k)[:40] for k in list(obj)[:8]] if isinstance(obj, dict) else f"a list of {len(obj)}"
     raise ModelFormatError(path, f"unknown JSON model format (top level: {keys}); expected Distill WebGL "
                                  "layers, a Distill textures models.json or a TF.js graph model")
+
+
+def model_names(path) -> Optional[List[str]]:
+    """The model names of a multi-model (Distill textures) file; None for a single-model file."""
+    data = read_input(path, limit=MAX_MODEL_BYTES, what="model file", error=ModelFormatError)
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] != b"{":
+        return None
+    try:
+        obj = json.loads(data.decode("utf-8-sig"))
+    except (RecursionError, UnicodeDecodeError, ValueError):
+        return None  # (load reports it)
+    return textures.names(Path(path), obj) if textures.matches(obj) else None
 
 
 def _guarded(importer, path: Path, *args) -> NCA:
