@@ -158,3 +158,14 @@ def test_bench_distributed_reports_scaling_and_exchange_volume(tmp_path, capsys)
     assert report["strong"][0]["halo_bytes_per_step_per_rank"] == 0
     assert report["strong"][1]["halo_bytes_per_step_per_rank"] > 0 and report["strong"][0]["efficiency"] == 1.0
     assert "| weak | 2 | 32x16 |" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_before_any_process_group(tmp_path, capsys):
+    base = ["growing", "--size", "8x8", "--out", str(tmp_path / "o")]
+    for extra, message in ((["--steps", "2", "--checkpoint-every", "0"], "--checkpoint-every"),
+                           (["--steps", "-1"], "--steps"), (["--steps", "2", "--timeout", "0"], "--timeout"),
+                           (["--steps", "2", "--size", "0x8"], "size")):
+        assert distributed_main(base + extra) == 2
+        assert message in capsys.readouterr().err
+        assert not dist.is_initialized()
+    assert not (tmp_path / "o").exists()

@@ -48,6 +48,12 @@ def run(args) -> int:
     H, W = parse_size(args.size)
     check_int("--steps", args.steps, 0, 2**32 - 1)
     check_int("--batch", args.batch, 1)
+    if args.checkpoint_every is not None:
+        check_int("--checkpoint-every", args.checkpoint_every, 1)
+    if args.steps_per_exchange is not None:
+        check_int("--steps-per-exchange", args.steps_per_exchange, 1)
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     cuda = torch.cuda.is_available() and args.backend in ("auto", "triton")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
