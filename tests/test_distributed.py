@@ -169,3 +169,17 @@ def test_bad_arguments_fail_before_any_process_group(tmp_path, capsys):
         assert message in capsys.readouterr().err
         assert not dist.is_initialized()
     assert not (tmp_path / "o").exists()
+
+
+def test_shard_inputs_are_checked(tmp_path):
+    from nca_fast.utils.files import InputFileError
+
+    model = nf.NCA(MODELS["texture"]).requires_grad_(False)
+    lay = Layout.make(10, 6, 0, 2, True)
+    with pytest.raises(ValueError, match=r"block must be \[B, C, 5, 6\]"):
+        sharded_rollout(model, torch.zeros(1, 12, 4, 6), lay, 1)
+    (tmp_path / "index.json").write_text('{"shards": [["../x", 0, 5]]}')
+    with pytest.raises(InputFileError, match="not a shard index"):
+        load_rows(tmp_path, 0, 5)
+    with pytest.raises(FileNotFoundError):
+        load_rows(tmp_path / "missing", 0, 5)

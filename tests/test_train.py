@@ -111,3 +111,18 @@ def test_texture_training_with_a_user_feature_network():
     assert tens[-1] < 0.6 * tens[0] and tens[-1] < 0.1 * max(tens), tens
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         train_texture(stripes[:2], features, cfg, progress=False)
+
+
+def test_bad_targets_and_devices_are_refused_before_training(tmp_path):
+    from nca_fast.utils.checks import device_arg
+
+    with pytest.raises(ValueError, match=r"\[4, H, W\]"):
+        train_growing(torch.zeros(3, 8, 8), GrowingConfig(iterations=1), progress=False)
+    with pytest.raises(ValueError, match="RGBA in channels 0-3"):
+        train_growing(torch.zeros(4, 8, 8), GrowingConfig(iterations=1), spec=nf.texture_spec(), progress=False)
+    with pytest.raises(ValueError, match="not a torch device"):
+        device_arg("gpu0")
+    assert device_arg("cpu") == torch.device("cpu") and device_arg("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            device_arg("cuda")

@@ -8,6 +8,7 @@ import torch
 
 from ..decoders import fit_decoder, save_decoder
 from ..media import load_image
+from ..utils.checks import device_arg
 from ..utils.files import check_output, same_file
 from .info import BUILTINS, load_model
 from .run import parse_size
@@ -44,10 +45,7 @@ def _check(args) -> torch.device:
     for what, path in (("model", args.model), ("image", args.image)):
         if same_file(out, path):
             raise ValueError(f"--out {args.out} is the {what} file: refusing to replace an input")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
-    return device
+    return device_arg(args.device)
 
 
 def run(args) -> int:

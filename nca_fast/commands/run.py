@@ -10,7 +10,7 @@ import torch
 from .. import media
 from ..backend import BACKENDS
 from ..decoders import decode, load_decoder, render_frames
-from ..utils.checks import check_memory
+from ..utils.checks import check_memory, device_arg
 from ..utils.optional import optional_import
 from .info import BUILTINS, load_model
 
@@ -45,10 +45,7 @@ def _check(args):
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     ext = media.check_output(args.out)
-    device = torch.device(args.device if args.device != "auto" else
-                          "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    device = device_arg(args.device)
     if args.scale is not None and args.decoder is None:
         raise ValueError("--scale needs --decoder (use --scale-up for nearest-neighbour upscaling)")
     if args.scale is not None and not 1 <= args.scale <= 256:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..backend import BACKENDS
 from ..io import save
 from ..spec import growing_spec
 from ..train import GrowingConfig, load_target, train_growing
+from ..utils.checks import device_arg
 from ..utils.files import check_output, same_file
 
 
@@ -62,10 +61,7 @@ def run(args) -> int:
                            damage=args.damage, min_steps=args.steps[0], max_steps=args.steps[1], lr=args.lr,
                            lr_decay_at=args.lr_decay_at, iterations=args.iterations, seed=args.seed)
     spec = growing_spec(channels=args.channels, hidden=args.hidden, name=out.stem)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available here")
+    device = device_arg(args.device)
     target = load_target(args.target, config.target_size, config.padding)
     result = train_growing(target, config, spec=spec, device=device, backend=args.backend,
                            checkpoint=args.checkpoint, checkpoint_interval=args.checkpoint_interval,

@@ -2,10 +2,9 @@
 browser, driven by nca_fast's engine on this machine (needs the ``view`` extra: starlette, uvicorn)."""
 from __future__ import annotations
 
-import torch
-
 from ..decoders import load_decoder
 from ..io import model_names
+from ..utils.checks import device_arg
 from ..utils.optional import optional_import
 from ..web.viewer import check_view_size, make_app
 from .info import BUILTINS, load_model
@@ -42,8 +41,7 @@ def run(args) -> int:
     check_view_size(size)
     if not 1 <= args.max_clients <= 64 or not 0 <= args.port <= 65535:
         raise ValueError("--max-clients must be in [1, 64] and --port in [0, 65535]")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = device_arg(args.device)
     models, first = load_models(args.model, args.name, device)
     decoder = load_decoder(args.decoder).to(device) if args.decoder else None
     app = make_app(models, first, size, decoder=decoder, max_clients=args.max_clients)

@@ -58,7 +58,12 @@ class GrowingConfig:
             raise ValueError(f"lr must be a finite positive number, got {self.lr}")
 
     def lr_at(self, iteration: int) -> float:
-        return self.lr * (0.1 if iteration >= self.lr_decay_at else 1.0)
+        return step_schedule(self.lr, self.lr_decay_at, iteration)
+
+
+def step_schedule(lr: float, decay_at: int, iteration: int) -> float:
+    """Distill's piecewise-constant schedule: ``lr``, then ``lr / 10`` from iteration ``decay_at`` on."""
+    return lr * (0.1 if iteration >= decay_at else 1.0)
 
 
 @dataclass

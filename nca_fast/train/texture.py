@@ -18,7 +18,7 @@ import torch
 from ..model import NCA
 from ..spec import NCASpec, texture_spec
 from ..utils.checks import check_int
-from .growing import TrainResult, distill_weights, normalise_gradients
+from .growing import TrainResult, distill_weights, normalise_gradients, step_schedule
 from .pool import SamplePool
 from .progress import Progress
 
@@ -90,7 +90,7 @@ def train_texture(target_rgb: torch.Tensor, features: Features, config: TextureC
         steps = int(torch.randint(config.min_steps, config.max_steps + 1, (1,), generator=g))
         mask_seed = int(torch.randint(0, 2**62, (1,), generator=g))
         for group in opt.param_groups:
-            group["lr"] = config.lr * (0.1 if it >= config.lr_decay_at else 1.0)
+            group["lr"] = step_schedule(config.lr, config.lr_decay_at, it)
         opt.zero_grad(set_to_none=True)
         x = model.rollout(x0, steps, seed=mask_seed, backend=backend)
         overflow = (x - x.clamp(-1.0, 1.0)).abs().mean()

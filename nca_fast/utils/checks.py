@@ -25,6 +25,20 @@ def check_int(name: str, value, lo: Optional[int] = None, hi: Optional[int] = No
     return value
 
 
+def device_arg(text: str, flag: str = "--device") -> torch.device:
+    """A command line's device: ``"auto"`` (CUDA when available, else the CPU) or a torch device that
+    exists here."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"{flag} {text[:40]!r} is not a torch device (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {text}: CUDA is not available here")
+    return device
+
+
 def check_state(x, channels: int, device: torch.device, what: str = "model") -> None:
     """``x`` is a ``[B, C, H, W]`` floating state with ``channels`` channels on ``device``."""
     if not isinstance(x, torch.Tensor):
