@@ -81,7 +81,7 @@ BW = 64  # interior cells per tile: one row segment; wgmma's M of one warpgroup
 BORDER_BW = 32  # ring cells per border tile (64 from 64 channels): fewer registers for the wrapped address math
 CHANNEL_CHUNK = 16  # input channels per perception pass (layer 1's K loop)
 BACKWARD_BW = 16  # cells per tile of the backward: its weight-gradient sums hold 64 registers all along
-BACKWARD_WARPS = 4
+BACKWARD_WARPS = 4  # (8 spread the sums thinner but replicate each tile's [16, HC] tensors twice as often)
 BACKWARD_HC = 64  # hidden units per chunk of the backward's MLP: M of its weight-gradient dots (4 warps x 16)
 W_RESIDENT_BYTES = 96 * 1024  # weights up to this size stay in shared memory for the whole launch
 _STATES = {"tf32": "fp32", "ieee": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -147,7 +147,7 @@ class StepConfig:
         backward recomputes the step in PyTorch)."""
         if self.CP > CHANNEL_CHUNK or pow2(self.HP) > 128:
             return (f"the fused backward takes up to {CHANNEL_CHUNK} channels and 128 hidden units, this model has "
-                    f"{self.C} and {self.HP}")
+                    f"{self.C} channels and {self.HP} hidden units as padded")
         return ""
 
     def backward_constexprs(self, has_mask: bool) -> dict:

@@ -13,7 +13,7 @@ import torch
 from .. import rng
 from ..spec import NCASpec
 from . import decode as decode_kernels
-from .config import PS_DECODE_TILE, HeadConfig, StepConfig, dot_types, lppn_launch
+from .config import BACKWARD_WARPS, PS_DECODE_TILE, HeadConfig, StepConfig, dot_types, lppn_launch
 from .step import nca_finalize_kernel, nca_step_kernel
 from .step_backward import nca_step_backward_kernel
 
@@ -113,7 +113,7 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, ctr
     """The backward of one (non-pending) step ``x -> y`` given ``g = dL/dy`` (both channels-last) and,
     for alive models, ``life`` (u8 ``[B, H, W]``, from ``launch_finalize``). Returns (``gy`` fp32
     ``[B, C, H, W]`` channels-last: the state gradient's residual path; ``gp`` fp32 ``[B, H, W, F*CP]``:
-    the perception gradients; the weight gradients summed over programs in program order, fp32
+    the perception gradients; the weight gradients summed over the programs' partial sums, fp32
     ``[F*CP*HP + HP*CP + HP + CP]``: gW1, gW2, gb1, gb2 in the packed layouts)."""
     _check_channels_last(x, g)
     B, _, H, W = x.shape
@@ -131,8 +131,8 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, ctr
         x, life if life is not None else ctr, mask, ctr, g, w1, wb, w2, b2, fscale, gy, gp, part,
         H, W, n, -(-n_tiles // programs), 0, i32(origin[0]), i32(origin[1]), i32(batch_offset),
         rng.fire_threshold(fire_rate), float(spec.step_size), *_clamp_args(spec),
-        num_warps=4, num_stages=1, **ce)
-    return gy, gp, part.sum(0)
+        num_warps=BACKWARD_WARPS, num_stages=1, **ce)
+    return gy, gp, part.sum(0)  # (a fixed-order reduction over programs: no atomics, reproducible)
 
 
 def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Optional[HeadConfig] = None,

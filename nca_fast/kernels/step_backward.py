@@ -13,7 +13,7 @@ pre-activations), then runs the chain rule per cell:
 
 It writes ``gy`` (the residual path's state gradient), ``g_p`` ([B, H, W, F*CP], what the transposed
 perception turns into the rest of the state gradient, see ``nca_fast.reference.perceive_vjp``) and one
-row of weight-gradient partial sums per program, which the launcher adds in program order: no
+row of weight-gradient partial sums per program, which the launcher adds in a fixed order: no
 floating-point atomics, so gradients are bit-reproducible.
 
 Per cell-update (growing model, C=16, F=3, hidden 128): reads the state's 3x3 neighbourhood (C values
@@ -217,7 +217,7 @@ def nca_step_backward_kernel(
                 gpf = gpf * _inside_range(pts[f].to(tl.float32), p_lo, p_hi)
             tl.store(gp + cell[:, None] * (F * CP) + f * CP + chan[None, :], gpf, mask=vmask)
 
-    # ---- this program's partial sums, added by the launcher in program order ----------------------
+    # ---- this program's partial sums, added by the launcher in a fixed order ----------------------
     NPART: tl.constexpr = F * CP * HP + HP * CP + HP + CP
     row = part + pid * NPART
     for c in tl.static_range(NCH):
