@@ -9,6 +9,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from ..utils import weights_file
 from ..utils.files import InputFileError, atomic_write_bytes, open_input
 from ..utils.optional import optional_import
 
@@ -26,20 +27,17 @@ def save(path, tensors: Dict[str, torch.Tensor], meta: Dict[str, object]) -> Non
 
 
 def load(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
-    st = optional_import("safetensors.torch", "formats")
     with open_input(path, limit=MAX_CHECKPOINT_BYTES, what="training checkpoint") as f:
         data = f.read()
     try:
-        tensors = st.load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
-        meta = header.get("__metadata__", {})
-        if meta.get("format") != FORMAT_TAG:
-            raise InputFileError(path, "not an nca_fast training checkpoint (no format tag)")
+        tensors, meta = weights_file.parse(path, data)
+    except InputFileError as e:
+        raise InputFileError(path, f"corrupt training checkpoint ({e.problem})") from None
+    if meta.get("format") != FORMAT_TAG:
+        raise InputFileError(path, "not an nca_fast training checkpoint (no format tag)")
+    try:
         return tensors, json.loads(meta["meta"])
-    except InputFileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a corrupt file is reported, whatever the parser raised
+    except (KeyError, ValueError) as e:
         raise InputFileError(path, f"corrupt training checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
