@@ -123,12 +123,12 @@ def _step(name, model, spec, precision, *, interior, pending, has_mask=False, he
                         note=f"{'interior' if interior else 'border'} {cfg.tile(interior)}", meta=meta)
 
 
-def _finalize(name, model, spec, precision, head=None) -> KernelConfig:
+def _finalize(name, model, spec, precision, head=None, life=False) -> KernelConfig:
     cfg = step_config(spec, precision)
     sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "src_pre", "dst", "life", "img", "dw0", "db0", "dw1",
                                                    "db1"))
     sig.update({"H": "i32", "W": "i32", "n_items": "i32", "items_per_program": "i32", "threshold": "fp32"})
-    ce = cfg.finalize_constexprs()
+    ce = dict(cfg.finalize_constexprs(), LIFE=life)  # LIFE: the op's forward, which keeps alive bytes
     if head:
         ce.update(DECODE=True, **head_config(pixel_shuffle_spec(spec.channels, scale=head[0], hidden=head[1]),
                                              cfg.CP).constexprs())
@@ -172,6 +172,8 @@ def step_configs() -> List[KernelConfig]:
                                                  interior=interior, pending=False, head=h))
             if alive and precision != "ieee":
                 configs.append(_finalize(f"finalize/{model}/{precision}", model, spec, precision))
+            if alive and published:  # model.step through the op: finalize also writes the alive bytes
+                configs.append(_finalize(f"finalize/{model}/{precision}/life", model, spec, precision, life=True))
     return configs
 
 
