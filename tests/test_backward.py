@@ -112,6 +112,56 @@ def test_gradients_are_bit_identical_run_to_run():
     assert torch.equal(a[1], b[1]) and all(torch.equal(a[2][n], b[2][n]) for n in a[2])
 
 
+@pytest.mark.parametrize("name", ["growing-zeros", "texture"])
+def test_many_tile_streams_match_one(name, monkeypatch):
+    """A GPU's grid: several tile streams, each with a program per hidden chunk (and, with clamps, the
+    update pass beside the MLP pass), against the interpreter's one stream; and NaN-poisoned outputs
+    (every cell and every partial sum must be written)."""
+    from nca_fast.kernels import launch
+    spec = CASES[name]
+    g = torch.Generator().manual_seed(8)
+    model = nf.NCA(spec, init_seed=8).to(DEVICE)
+    x = _state(spec, g, B=3, H=9, W=11)
+    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    one = _grads(model, x, gout, "triton", seed=2)
+    real_empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(launch, "grid_programs", lambda n_tiles, device: 24)  # (5 and 4 tile streams)
+    monkeypatch.setattr(launch.torch, "empty", poisoned)
+    many = _grads(model, x, gout, "triton", seed=2)
+    _close(many[1], one[1], 1e-5)
+    for n in one[2]:
+        _close(many[2][n], one[2][n], 1e-5)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular", "replicate"])
+@pytest.mark.parametrize("H, W", [(1, 1), (2, 5), (7, 3)])
+def test_transposed_perception_kernel_matches_the_reference(padding, H, W):
+    """The fused transposed perception (slabs summed, padding folded, added into the residual
+    gradient) against ``reference.perceive_vjp``: every padding mode, grids of 1 and 2 cells a side,
+    NaN in the slabs' padding channels (never written by the backward, so never read)."""
+    from nca_fast.kernels.config import filter_scales, step_config
+    from nca_fast.kernels.launch import launch_perceive_vjp
+    from nca_fast.reference import perceive_vjp
+    g = torch.Generator().manual_seed(H * 10 + W)
+    for spec in (nf.growing_spec(channels=5, padding=padding), nf.texture_spec(padding=padding)):
+        cfg = step_config(spec, "tf32")
+        B, C, F, CP = 2, spec.channels, spec.n_filters, cfg.CP
+        slabs = torch.randn(3, B, H, W, F, CP, generator=g, dtype=torch.float64)
+        slabs[..., C:] = float("nan")
+        gy = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+        want = gy + perceive_vjp(slabs.sum(0)[..., :C].permute(0, 3, 4, 1, 2).reshape(B, F * C, H, W), spec)
+        fscale = torch.tensor(filter_scales(spec), dtype=torch.float32)
+        got = launch_perceive_vjp(cfg, slabs.float().reshape(3, B, H, W, F * CP).to(DEVICE),
+                                  gy.float().to(DEVICE).contiguous(memory_format=torch.channels_last),
+                                  fscale.to(DEVICE))
+        torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_wide_models_fall_back_to_the_reference_backward(monkeypatch):
     """32 channels: beyond the fused backward's reach; the op's backward recomputes through the reference."""
     spec = nf.growing_spec(channels=32, hidden=64)

@@ -100,6 +100,7 @@ def run(args) -> int:
                            "model": cfg.meta.get("model"), "dtype": cfg.meta.get("dtype"),
                            "phase": cfg.meta.get("phase"), "interior": cfg.meta.get("interior"),
                            "num_warps": cfg.num_warps, "cells_per_tile": cfg.meta.get("cells_per_tile"),
+                           "programs_per_tile": cfg.meta.get("programs_per_tile", 1),
                            "shared_bytes": res["shared_bytes"], "cubin": name})
     if dump:
         atomic_write_bytes(dump / "configs.json", json.dumps(dumped, indent=1).encode())

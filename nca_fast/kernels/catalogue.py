@@ -12,10 +12,12 @@ from .config import (
     BACKWARD_BW,
     BACKWARD_WARPS,
     LPPN_HIDDEN_SIZES,
+    PERCEIVE_VJP_BW,
     PS_DECODE_TILE,
     dot_types,
     head_config,
     lppn_launch,
+    perceive_vjp_constexprs,
     step_config,
 )
 
@@ -64,12 +66,11 @@ def budget(meta: dict):
 SPILL_LIMITS = {"ieee": 256, "max-64x256": 640}
 
 
-# The backward holds its weight-gradient sums (F*CP*HP + HP*CP fp32: 64 registers a thread for the
-# growing model) across its persistent loop, beside a tile's recomputed forward; what does not fit
-# spills. Measured (triton 3.9, sm_90a / sm_80): growing 56-168 B, texture 232-448 B, "ieee" (three
-# TF32 products per dot) up to 1.3 KB; the smallest models none. Held to these ceilings until the
-# sums move out of registers (see README, Training).
-BACKWARD_SPILL_LIMITS = {"ieee": 1536, "": 512}
+# The backward spreads its weight-gradient sums over one program per hidden chunk (each holds
+# (F + 1) * HC * CP fp32: 32 registers a thread); what a 64-cell tile's recomputed forward then leaves
+# over spills. Measured (triton 3.9): sm_90a growing none, texture 8-24 B; sm_80 growing 8-32 B,
+# texture 16-24 B; "ieee" (three TF32 products per dot) 72-712 B; the smallest models none.
+BACKWARD_SPILL_LIMITS = {"ieee": 768, "": 32}
 
 
 def backward_spill_limit(meta: dict) -> int:
@@ -81,13 +82,15 @@ def spill_limit(meta: dict) -> int:
 
 
 def budget_problems(meta: dict, res: dict) -> List[str]:
-    """Why a compiled configuration fails its gate: a step that spills more than its limit (above),
-    and the budgets of the published models."""
+    """Why a compiled configuration fails its gate: a step or backward that spills more than its
+    limit (above), a transposed perception that spills at all, and the budgets of the published models."""
     problems = []
     if meta.get("kernel") == "step" and res["spill_bytes"] > spill_limit(meta):
         problems.append(f"spills {res['spill_bytes']} B (limit {spill_limit(meta)} B)")
     if meta.get("kernel") == "step_backward" and res["spill_bytes"] > backward_spill_limit(meta):
         problems.append(f"spills {res['spill_bytes']} B (limit {backward_spill_limit(meta)} B)")
+    if meta.get("kernel") == "perceive_vjp" and res["spill_bytes"]:
+        problems.append(f"spills {res['spill_bytes']} B (none allowed)")
     limits = budget(meta)
     if limits:
         wi, bars, ctas = limits
@@ -182,19 +185,29 @@ _BACKWARD_I32 = ("H", "W", "n_items", "items_per_program", "step_offset", "row0"
 _BACKWARD_F32 = ("step_size", "p_lo", "p_hi", "h_lo", "h_hi", "u_lo", "u_hi", "s_lo", "s_hi")
 
 
-def _backward(name, model, spec, precision, has_mask=False) -> KernelConfig:
+_PASS_NAMES = {0: "", 1: "/update", 2: "/mlp"}
+
+
+def _backward(name, model, spec, precision, has_mask=False) -> List[KernelConfig]:
+    """The backward's launches for one model and precision (one, or the update and MLP passes)."""
     cfg = step_config(spec, precision)
     sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "life", "fire_mask", "ctr", "gout", "w1", "wb", "w2", "b2",
                                                    "fscale"))
-    sig.update({n: "*fp32" for n in ("w1", "wb", "w2", "gx", "gp", "part")})  # (the backward's weights: fp32)
+    sig.update({n: "*fp32" for n in ("w1", "wb", "w2", "gx", "gp", "part", "gd")})  # (the backward's weights: fp32)
     sig.update({n: "i32" for n in _BACKWARD_I32})
     sig.update({n: "fp32" for n in _BACKWARD_F32})
-    ce = cfg.backward_constexprs(has_mask)
-    sig.update({n: "constexpr" for n in ce})
-    meta = dict(kernel="step_backward", model=model, dtype=precision, phase="backward", interior=False,
-                cells_per_tile=BACKWARD_BW, head=False, mask=has_mask)
-    return KernelConfig(name, step_backward.nca_step_backward_kernel, sig, ce, num_warps=BACKWARD_WARPS, num_stages=1,
-                        note=f"cells {BACKWARD_BW}", meta=meta)
+    configs = []
+    for pass_ in cfg.backward_passes():
+        ce = cfg.backward_constexprs(has_mask, pass_)
+        programs = 1 if pass_ == 1 else -(-cfg.HP // ce["HC"])  # (per tile: one per hidden chunk)
+        meta = dict(kernel="step_backward", model=model, dtype=precision, phase="backward", interior=False,
+                    cells_per_tile=BACKWARD_BW, programs_per_tile=programs, head=False, mask=has_mask,
+                    backward_pass=pass_)
+        configs.append(KernelConfig(name + _PASS_NAMES[pass_], step_backward.nca_step_backward_kernel,
+                                    {**sig, **{n: "constexpr" for n in ce}}, ce, num_warps=BACKWARD_WARPS,
+                                    num_stages=1, note=f"cells {BACKWARD_BW}, {programs} programs a tile",
+                                    meta=meta))
+    return configs
 
 
 def backward_configs() -> List[KernelConfig]:
@@ -205,9 +218,26 @@ def backward_configs() -> List[KernelConfig]:
         for precision in ("tf32", "ieee", "fp16", "bf16"):
             if step_config(spec, precision).backward_problem():
                 continue
-            configs.append(_backward(f"backward/{model}/{precision}", model, spec, precision))
+            configs += _backward(f"backward/{model}/{precision}", model, spec, precision)
         if not step_config(spec, "tf32").backward_problem() and model in PUBLISHED:
-            configs.append(_backward(f"backward/{model}/tf32/mask", model, spec, "tf32", has_mask=True))
+            configs += _backward(f"backward/{model}/tf32/mask", model, spec, "tf32", has_mask=True)
+        configs += _perceive_vjp(model, spec)
+    return configs
+
+
+def _perceive_vjp(model, spec) -> List[KernelConfig]:
+    """The transposed perception after the backward: one per number of slabs its precisions give."""
+    configs = []
+    for n_chunks in sorted({-(-c.HP // c.backward_chunk()) for c in (step_config(spec, p) for p in
+                                                                      ("tf32", "ieee", "fp16", "bf16"))
+                            if not c.backward_problem()}):
+        ce = perceive_vjp_constexprs(step_config(spec, "tf32"), n_chunks)
+        sig = {**{n: "*fp32" for n in ("gp", "taps", "fscale", "gx")}, **{n: "i32" for n in ("H", "W", "n_items")},
+               **{n: "constexpr" for n in ce}}
+        meta = dict(kernel="perceive_vjp", model=model, dtype="fp32", phase="backward", interior=False,
+                    cells_per_tile=PERCEIVE_VJP_BW, loop_trips=9, head=False, mask=False)  # (its loop: the taps)
+        configs.append(KernelConfig(f"backward/{model}/perceive_vjp/{n_chunks}", step_backward.perceive_vjp_kernel,
+                                    sig, ce, num_warps=4, num_stages=1, note=f"{n_chunks} slabs", meta=meta))
     return configs
 
 

@@ -162,7 +162,11 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
         "sass_ldl_stl": len(re.findall(r"\b(LDL|STL)\b", sass)),
         "resident_ctas": resident_ctas(target, registers, shared, cfg.num_warps),
         **counts,
-        "warp_instructions_per_cell": counts["loop_instructions"] * cfg.num_warps / cells if cells else None,
+        # (per cell-update: a kernel whose tiles are shared by several programs, e.g. the backward's
+        # hidden chunks, counts each of them; one whose loop runs several times a tile, each run)
+        "warp_instructions_per_cell": (counts["loop_instructions"] * cfg.num_warps
+                                       * cfg.meta.get("programs_per_tile", 1) * cfg.meta.get("loop_trips", 1)
+                                       / cells if cells else None),
         "cubin": compiled.asm["cubin"],
         "sass": sass,
     }

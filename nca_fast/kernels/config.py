@@ -80,9 +80,13 @@ def bytes_per_cell_update(spec: NCASpec, dtype: torch.dtype) -> int:
 BW = 64  # interior cells per tile: one row segment; wgmma's M of one warpgroup
 BORDER_BW = 32  # ring cells per border tile (64 from 64 channels): fewer registers for the wrapped address math
 CHANNEL_CHUNK = 16  # input channels per perception pass (layer 1's K loop)
-BACKWARD_BW = 16  # cells per tile of the backward: its weight-gradient sums hold 64 registers all along
-BACKWARD_WARPS = 4  # (8 spread the sums thinner but replicate each tile's [16, HC] tensors twice as often)
-BACKWARD_HC = 64  # hidden units per chunk of the backward's MLP: M of its weight-gradient dots (4 warps x 16)
+# The backward: a program per (tile stream, hidden chunk), so that each holds one chunk's weight-gradient
+# sums (32 registers a thread). 64-cell tiles on 4 warps: wgmma's M for the recomputed forward; 16- and
+# 32-cell tiles cost 1.8-3x the instructions per cell, 8 warps replicate the per-tile tensors, 128 cells spill.
+BACKWARD_BW = 64
+BACKWARD_WARPS = 4
+BACKWARD_HC = 64  # hidden units per program: M of its weight-gradient dots (hidden units along M)
+PERCEIVE_VJP_BW = 64  # cells per program of the transposed perception ([64, 4 * 16] fp32 sums: 32 registers)
 W_RESIDENT_BYTES = 96 * 1024  # weights up to this size stay in shared memory for the whole launch
 _STATES = {"tf32": "fp32", "ieee": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _PERC_T = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -150,12 +154,24 @@ class StepConfig:
                     f"{self.C} channels and {self.HP} hidden units as padded")
         return ""
 
-    def backward_constexprs(self, has_mask: bool) -> dict:
+    def backward_chunk(self) -> int:
+        """Hidden units per program of the backward (M of its weight-gradient dots, at least 16): the
+        largest of 64, 32 that divides HP, so that no chunk is padding (texture's 96 = 3 x 32)."""
+        return next((hc for hc in (BACKWARD_HC, BACKWARD_HC // 2) if self.HP % hc == 0), 16)
+
+    def backward_passes(self) -> Tuple[int, ...]:
+        """The backward's launches: one (PASS 0) for models without update or state clamps; else an
+        update pass (1: the full MLP once more for the clamps' masks, writes dL/d(update)) and the
+        MLP pass (2: reads it), so that no hidden chunk's program recomputes the whole MLP."""
+        return (1, 2) if self.U_CLAMP or self.S_CLAMP else (0,)
+
+    def backward_constexprs(self, has_mask: bool, pass_: int = 0) -> dict:
         d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "TAPS", "NEEDS", "PAD", "ALPHA", "ALIVE", "HAS_B1",
                                            "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP", "S_CLAMP", "SPLIT")}
         perc = "fp32" if self.STATE == "bf16" and interpreting() else self.STATE
         d.update(HAS_MASK=has_mask, PERC_T=_PERC_T[perc], FAST=not interpreting(), BW=BACKWARD_BW,
-                 HC=min(BACKWARD_HC, pow2(self.HP)), GPREC="tf32x3" if self.SPLIT else "tf32", **self.dot_constexprs())
+                 HC=self.backward_chunk(), PASS=pass_, GPREC="tf32x3" if self.SPLIT else "tf32",
+                 **self.dot_constexprs())
         return d
 
     def margin(self, pending: bool) -> int:
@@ -173,6 +189,12 @@ def _filter_scale(taps) -> float:
 
 def filter_scales(spec: NCASpec) -> Tuple[float, ...]:
     return tuple(_filter_scale([v for row in f.taps for v in row]) for f in spec.filters)
+
+
+def perceive_vjp_constexprs(cfg: StepConfig, n_chunks: int) -> dict:
+    """The transposed perception's constexprs for ``cfg``'s model and ``n_chunks`` g_p slabs."""
+    return dict(C=cfg.C, CP=cfg.CP, F=cfg.F, FP=pow2(cfg.F, 1), NEEDS=sum(int(b) << k for k, b in enumerate(cfg.NEEDS)),
+                PAD=cfg.PAD, NCH=n_chunks, BW=PERCEIVE_VJP_BW)
 
 
 def hidden_chunks(hidden: int, CP: int, precision: str) -> Tuple[int, int]:

@@ -13,9 +13,19 @@ import torch
 from .. import rng
 from ..spec import NCASpec
 from . import decode as decode_kernels
-from .config import BACKWARD_WARPS, PS_DECODE_TILE, HeadConfig, StepConfig, dot_types, lppn_launch
+from .config import (
+    BACKWARD_BW,
+    BACKWARD_WARPS,
+    PERCEIVE_VJP_BW,
+    PS_DECODE_TILE,
+    HeadConfig,
+    StepConfig,
+    dot_types,
+    lppn_launch,
+    perceive_vjp_constexprs,
+)
 from .step import nca_finalize_kernel, nca_step_kernel
-from .step_backward import nca_step_backward_kernel
+from .step_backward import nca_step_backward_kernel, perceive_vjp_kernel
 
 
 def grid_programs(n_tiles: int, device: torch.device) -> int:
@@ -112,27 +122,58 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, ctr
                          batch_offset: int = 0, fire_rate: float, update_mask: Optional[torch.Tensor] = None):
     """The backward of one (non-pending) step ``x -> y`` given ``g = dL/dy`` (both channels-last) and,
     for alive models, ``life`` (u8 ``[B, H, W]``, from ``launch_finalize``). Returns (``gy`` fp32
-    ``[B, C, H, W]`` channels-last: the state gradient's residual path; ``gp`` fp32 ``[B, H, W, F*CP]``:
-    the perception gradients; the weight gradients summed over the programs' partial sums, fp32
+    ``[B, C, H, W]`` channels-last: the state gradient's residual path; ``gp`` fp32
+    ``[NCH, B, H, W, F*CP]``: the perception gradients, a slab per hidden chunk to be added (padding
+    channels unwritten); the weight gradients summed over the programs' partial sums, fp32
     ``[F*CP*HP + HP*CP + HP + CP]``: gW1, gW2, gb1, gb2 in the packed layouts)."""
     _check_channels_last(x, g)
     B, _, H, W = x.shape
     n = B * H * W
     w1, wb, w2, b2, fscale = packed
-    ce = cfg.backward_constexprs(update_mask is not None)
     gy = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
-    gp = torch.empty(B, H, W, cfg.F * cfg.CP, dtype=torch.float32, device=x.device)
-    n_tiles = -(-n // ce["BW"])
-    programs = grid_programs(n_tiles, x.device)
-    part = torch.empty(programs, cfg.F * cfg.CP * cfg.HP + cfg.HP * cfg.CP + cfg.HP + cfg.CP, dtype=torch.float32,
+    bw, hc = BACKWARD_BW, cfg.backward_chunk()
+    n_tiles = -(-n // bw)
+    n_chunks = -(-cfg.HP // hc)  # programs per tile stream in the MLP pass: one per hidden chunk
+    # one wave: the backward keeps 2 CTAs an SM resident (nca-fast kernels), grid_programs plans 4
+    streams = max(1, min(n_tiles, grid_programs(n_tiles, x.device) // 2 // n_chunks))
+    gp = torch.empty(n_chunks, B, H, W, cfg.F * cfg.CP, dtype=torch.float32, device=x.device)
+    part = torch.empty(streams, cfg.F * cfg.CP * cfg.HP + cfg.HP * cfg.CP + cfg.HP + cfg.CP, dtype=torch.float32,
                        device=x.device)
+    passes = cfg.backward_passes()
+    gd = torch.empty(n, cfg.CP, dtype=torch.float32, device=x.device) if 1 in passes else ctr
     mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else ctr
-    nca_step_backward_kernel[(programs,)](
-        x, life if life is not None else ctr, mask, ctr, g, w1, wb, w2, b2, fscale, gy, gp, part,
-        H, W, n, -(-n_tiles // programs), 0, i32(origin[0]), i32(origin[1]), i32(batch_offset),
-        rng.fire_threshold(fire_rate), float(spec.step_size), *_clamp_args(spec),
-        num_warps=BACKWARD_WARPS, num_stages=1, **ce)
+    for pass_ in passes:  # (one stream's part row gets gb2 from pass 1 and the rest from pass 2)
+        nca_step_backward_kernel[(streams * (1 if pass_ == 1 else n_chunks),)](
+            x, life if life is not None else ctr, mask, ctr, g, w1, wb, w2, b2, fscale, gy, gp, part, gd,
+            H, W, n, -(-n_tiles // streams), 0, i32(origin[0]), i32(origin[1]), i32(batch_offset),
+            rng.fire_threshold(fire_rate), float(spec.step_size), *_clamp_args(spec),
+            num_warps=BACKWARD_WARPS, num_stages=1, **cfg.backward_constexprs(update_mask is not None, pass_))
     return gy, gp, part.sum(0)  # (a fixed-order reduction over programs: no atomics, reproducible)
+
+
+def launch_perceive_vjp(cfg: StepConfig, gp: torch.Tensor, gy: torch.Tensor, fscale: torch.Tensor) -> torch.Tensor:
+    """Add the transposed perception of ``gp`` (the backward's slabs, [NCH, B, H, W, F*CP] fp32) into
+    ``gy`` (fp32 ``[B, C, H, W]`` channels-last) in place; returns ``gy``, now dL/dx."""
+    _check_channels_last(gy)
+    B, _, H, W = gy.shape
+    n = B * H * W
+    bw = PERCEIVE_VJP_BW
+    perceive_vjp_kernel[(-(-n // bw),)](
+        gp, tap_table(cfg, gy.device), fscale, gy, H, W, n,
+        **perceive_vjp_constexprs(cfg, gp.shape[0]), num_warps=4, num_stages=1)
+    return gy
+
+
+_TAP_TABLES: dict = {}
+
+
+def tap_table(cfg: StepConfig, device) -> torch.Tensor:
+    """``cfg.TAPS`` as a [9, F] fp32 tensor on ``device`` (built once): the transposed perception
+    loops over the taps at run time."""
+    key = (cfg.TAPS, cfg.F, str(device))
+    if key not in _TAP_TABLES:
+        _TAP_TABLES[key] = torch.tensor(cfg.TAPS, dtype=torch.float32).view(cfg.F, 9).t().contiguous().to(device)
+    return _TAP_TABLES[key]
 
 
 def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Optional[HeadConfig] = None,

@@ -17,7 +17,7 @@ import torch
 from .. import reference, rng
 from ..spec import NCASpec
 from .config import step_config
-from .launch import counter_tensor, launch_finalize, launch_step, launch_step_backward
+from .launch import counter_tensor, launch_finalize, launch_perceive_vjp, launch_step, launch_step_backward
 from .pack import dot_dtype
 
 
@@ -85,8 +85,7 @@ def fused_step_backward_op(x: torch.Tensor, life: torch.Tensor, g: torch.Tensor,
     gy, gp, sums = launch_step_backward(cfg, spec, (w1, wb, w2, b2, fscale), xc, life if cfg.ALIVE else None, gc,
                                         ctr, origin=(row0, col0), fire_rate=fire_rate, update_mask=update_mask)
     F, CP, HP = cfg.F, cfg.CP, cfg.HP
-    gp = gp.view(B, H, W, F, CP)[..., :C].permute(0, 3, 4, 1, 2).reshape(B, F * C, H, W)
-    gx = _like(x, gy + reference.perceive_vjp(gp, spec))
+    gx = _like(x, launch_perceive_vjp(cfg, gp, gy, fscale))
     o = F * CP * HP
     gw1 = sums[:o].view(F, CP, HP)
     gw2 = sums[o:o + HP * CP].view(HP, CP)
@@ -137,7 +136,10 @@ def _reference_backward(spec: NCASpec, x, g, packed, ctr, update_mask, fire_rate
 
 
 def _like(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``v`` in ``x``'s dtype and memory format (what the fake implementation promises)."""
+    """``v`` in ``x``'s dtype and memory format (what the fake implementation promises): ``v`` itself
+    when it already is."""
+    if v.dtype == x.dtype and v.stride() == x.stride():
+        return v
     return torch.empty_like(x).copy_(v)
 
 

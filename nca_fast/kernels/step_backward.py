@@ -11,17 +11,25 @@ pre-activations), then runs the chain rule per cell:
     g_p  = g_h @ w1_f^T * [p_lo <= p_f <= p_hi]                 per filter f
     gW2 += h^T @ g_dx, gb2 += sum g_dx, gW1_f += p_f^T @ g_h, gb1 += sum g_h
 
-It writes ``gy`` (the residual path's state gradient), ``g_p`` ([B, H, W, F*CP], what the transposed
-perception turns into the rest of the state gradient, see ``nca_fast.reference.perceive_vjp``) and one
-row of weight-gradient partial sums per program, which the launcher adds in a fixed order: no
-floating-point atomics, so gradients are bit-reproducible.
+The grid: a program per (tile stream, hidden chunk of HC units). Each program recomputes its tiles'
+perception, only its chunk of layer 1, and holds only its chunk's weight-gradient sums (32 registers a
+thread at HC = 64; all of them in one program took 64 and spilled): the hidden dimension is the
+parallel one, as in a GEMM's N. The chunk-0 program of a stream writes ``gy`` (the residual path's
+state gradient); each writes its chunk's share of ``g_p`` into its own slab ([NCH, B, H, W, F*CP]:
+``perceive_vjp_kernel`` below adds the slabs and turns them into the rest of the state gradient, as
+``nca_fast.reference.perceive_vjp`` does) and its slice of its stream's row of partial sums,
+which the launcher adds in a fixed order: no floating-point atomics, so gradients are bit-reproducible.
+Models with update or state clamps need the whole update for their masks: an update pass (PASS 1, one
+program per stream) recomputes the MLP once and writes ``g_dx``; the MLP pass (PASS 2) reads it, so no
+chunk's program recomputes the whole MLP. Models without (PASS 0) run in one launch.
 
-Per cell-update (growing model, C=16, F=3, hidden 128): reads the state's 3x3 neighbourhood (C values
-from DRAM, the rest from cache) and the incoming gradient (C values), writes C + F*C fp32 values (256 B
-in all); about 61 kFLOP on tensor cores: layer 1 (12.3 kFLOP; twice with update or state clamps,
-whose masks need the update), layer 2's backward for g_h and gW2 (8.2k), layer 1's for g_p and gW1
-(24.6k), the bias row (4.1k). Gradient dots run in TF32
-(fp32 operands) whatever the state's dtype: a 16-bit gradient would underflow.
+Per cell-update (growing model, C=16, F=3, hidden 128, two chunks): reads the state's 3x3
+neighbourhood (C values from DRAM, the rest from cache) and the incoming gradient (C values), writes
+C + 2*F*CP fp32 values (448 B; the transposed perception then reads the slabs and gy, 448 B, and
+writes gx, 64 B); about 49 kFLOP
+on tensor cores: layer 1 (12.3 kFLOP; twice with update or state clamps), layer 2's backward for g_h
+and gW2 (8.2k), layer 1's for g_p and gW1 (24.6k), the bias rows. Gradient dots run in TF32 (fp32
+operands) whatever the state's dtype: a 16-bit gradient would underflow.
 """
 from __future__ import annotations
 
@@ -86,7 +94,8 @@ def _w2_chunk(w2, c, chan, hc, CP: tl.constexpr, HP, HC: tl.constexpr, DOT_T: tl
 def nca_step_backward_kernel(
     src, life, fire_mask, ctr, gout,  # state x [B, H, W, C]; life u8 [B, H, W]; g = dL/dy [B, H, W, C]
     w1, wb, w2, b2, fscale,  # the forward's packed weights, fp32 (pack.pack_step)
-    gx, gp, part,  # out: gy [B, H, W, C] fp32, g_p [B, H, W, F*CP] fp32, partials [programs, NPART] fp32
+    gx, gp, part,  # out: gy [B, H, W, C] fp32, g_p [NCH, B, H, W, F*CP] fp32, partials [streams, NPART] fp32
+    gd,  # dL/d(update) [B, H, W, CP] fp32: written by PASS 1, read by PASS 2
     H, W, n_items, items_per_program, step_offset, row0, col0, batch0, fire_threshold, step_size,
     p_lo, p_hi, h_lo, h_hi, u_lo, u_hi, s_lo, s_hi,
     C: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, F: tl.constexpr, TAPS: tl.constexpr,
@@ -94,41 +103,46 @@ def nca_step_backward_kernel(
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, P_CLAMP: tl.constexpr, H_CLAMP: tl.constexpr,
     U_CLAMP: tl.constexpr, S_CLAMP: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
     PERC_T: tl.constexpr, FAST: tl.constexpr, SPLIT: tl.constexpr, GPREC: tl.constexpr, BW: tl.constexpr,
-    HC: tl.constexpr,
+    HC: tl.constexpr, PASS: tl.constexpr,
 ):
-    """A persistent grid over ``n_items`` cells (all images, row-major) in tiles of BW. Program p
-    writes its weight-gradient sums to ``part[p]``: gW1 [F, CP, HP], gW2 [HP, CP], gb1 [HP], gb2 [CP].
-    The hidden layer runs in chunks of HC units (the last one masked from HP on): the [BW, HP]
-    intermediates never live at once (the sums already take ~64 registers a thread). GPREC: the
-    gradient dots' ``input_precision`` (fp32 operands)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    """A persistent grid over ``n_items`` cells (all images, row-major) in tiles of BW: program
+    ``pid`` runs tile stream ``pid // PER`` for hidden chunk ``pid % PER`` (PER: NCH chunks, or 1 in the
+    update pass) and writes its sums into its stream's row ``part[stream]``: gW1 [F, CP, HP], gW2
+    [HP, CP], gb1 [HP] (its chunk's slices), gb2 [CP] (the chunk-0 or update-pass program). The last
+    chunk is masked from HP on. GPREC: the gradient dots' ``input_precision`` (fp32 operands)."""
     NCH: tl.constexpr = (HP + HC - 1) // HC
+    PER: tl.constexpr = 1 if PASS == 1 else NCH  # programs per tile stream
+    pid = tl.program_id(0)
+    cc = pid % PER  # this program's hidden chunk: its sums and its share of layer 1 and of dL/dp
+    tp = pid // PER  # its tile stream (the programs of one stream are neighbours in the launch)
+    nprog = tl.num_programs(0) // PER
     m = tl.arange(0, BW)
     chan = tl.arange(0, CP)
+    lead = (chan * 0 + cc) == 0  # one program per stream writes the chunk-free outputs: gy and gb2
     hc = tl.arange(0, HC)
     kk = tl.arange(0, 16)
+    rows = cc * HC + hc
+    hok = (rows < HP)[None, :]
     cmask = chan[None, :] < C
     ones = tl.where(kk[None, :] == 0, 1.0, 0.0).to(DOT_T) + tl.zeros((BW, 16), DOT_T)
     if HAS_B2:
         bias2 = tl.load(b2 + chan)
-    # The sums, chunk-major: gw1[c * F + f] = dL/dW1[f][:, chunk c]^T, gw2[c], gb1[c]. Hidden units run
-    # along M of every weight-gradient dot (as [HC, CP]): with M = 16 channels, 4 warps would each hold
-    # the whole accumulator.
+    # The sums of this chunk: gw1[f] = dL/dW1[f][:, chunk]^T, gw2, gb1. Hidden units run along M of
+    # every weight-gradient dot (as [HC, CP]): with M = 16 channels, 4 warps would each hold the whole
+    # accumulator. One chunk's sums take (F + 1) * HC * CP / threads registers (32 at HC = 64).
     gw1 = ()
-    for _k in tl.static_range(NCH * F):
+    for _f in tl.static_range(F):
         gw1 = gw1 + (tl.zeros((HC, CP), tl.float32),)
-    gw2 = ()
-    gb1 = ()
-    for _c in tl.static_range(NCH):
-        gw2 = gw2 + (tl.zeros((HC, CP), tl.float32),)
-        gb1 = gb1 + (tl.zeros((HC,), tl.float32),)
+    gw2 = tl.zeros((HC, CP), tl.float32)
+    gb1 = tl.zeros((HC,), tl.float32)
     gb2 = tl.zeros((CP,), tl.float32)
+    # dL/dp of this chunk goes to its own slab of gp ([NCH, B*H*W, F*CP]), added by the launcher
+    gp_c = gp + cc.to(tl.int64) * n_items * (F * CP)
     seed = tl.load(ctr)
     step = (tl.load(ctr + 1) + step_offset).to(tl.uint32)
     HW = H * W
     for it in range(items_per_program):
-        q = (pid + it * nprog) * BW + m
+        q = (tp + it * nprog) * BW + m
         valid = q < n_items
         cell = tl.where(valid, q, 0)
         bb = cell // HW
@@ -145,86 +159,159 @@ def nca_step_backward_kernel(
             if P_CLAMP:
                 pc = _clamp(pc, tl.cast(p_lo, DOT_T), tl.cast(p_hi, DOT_T))
             pcs = pcs + (pc,)
-        if HAS_MASK:
-            fire = (tl.load(fire_mask + cell, mask=valid, other=0) != 0).to(tl.float32)
+        if PASS == 2:
+            gdx = tl.load(gd + cell[:, None] * CP + chan[None, :], mask=valid[:, None], other=0.0)
         else:
-            c0 = (j + col0).to(tl.uint32, bitcast=True)
-            c1 = (ii + row0).to(tl.uint32, bitcast=True)
-            c3 = (bb + batch0).to(tl.uint32, bitcast=True)
-            r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, step + c0 * 0, c3)
-            fire = ((r0 >> 8).to(tl.int32) < fire_threshold).to(tl.float32)
-        rate = fire * step_size
+            if HAS_MASK:
+                fire = (tl.load(fire_mask + cell, mask=valid, other=0) != 0).to(tl.float32)
+            else:
+                c0 = (j + col0).to(tl.uint32, bitcast=True)
+                c1 = (ii + row0).to(tl.uint32, bitcast=True)
+                c3 = (bb + batch0).to(tl.uint32, bitcast=True)
+                r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, step + c0 * 0, c3)
+                fire = ((r0 >> 8).to(tl.int32) < fire_threshold).to(tl.float32)
+            rate = fire * step_size
 
-        # ---- the state's residual path: g through the alive mask and the state clamp -------------
-        g = tl.load(gout + cell[:, None] * C + chan[None, :], mask=vmask, other=0.0).to(tl.float32)
-        if ALIVE:
-            g = g * (tl.load(life + cell, mask=valid, other=0) != 0).to(tl.float32)[:, None]
-        gdx = g * rate[:, None]
-        if U_CLAMP or S_CLAMP:  # these masks need the update itself: layer 2 once more, chunk by chunk
-            dx = tl.zeros((BW, CP), tl.float32)
-            for c in tl.static_range(NCH):
-                h, _dh = _layer1_chunk(pcs, w1, wb, ones, c, chan, hc, HP, h_lo, h_hi, CP, F, HC, HAS_B1,
-                                       H_CLAMP, DOT_T, PREC, FAST, SPLIT, BW)
-                w_hi, w_lo = _w2_chunk(w2, c, chan, hc, CP, HP, HC, DOT_T, SPLIT)
-                dx = _mma(h, w_hi, w_lo, dx, SPLIT, False, PREC)
-            if HAS_B2:
-                dx += bias2[None, :]
-            if S_CLAMP:
-                ud = dx
+            # ---- the state's residual path: g through the alive mask and the state clamp -------------
+            g = tl.load(gout + cell[:, None] * C + chan[None, :], mask=vmask, other=0.0).to(tl.float32)
+            if ALIVE:
+                g = g * (tl.load(life + cell, mask=valid, other=0) != 0).to(tl.float32)[:, None]
+            gdx = g * rate[:, None]
+            if PASS == 1:  # the update and state clamps' masks need the update itself: layer 2 once more
+                dx = tl.zeros((BW, CP), tl.float32)
+                for c in tl.static_range(NCH):
+                    h, _dh = _layer1_chunk(pcs, w1, wb, ones, c, chan, hc, HP, h_lo, h_hi, CP, F, HC, HAS_B1,
+                                           H_CLAMP, DOT_T, PREC, FAST, SPLIT, BW)
+                    w_hi, w_lo = _w2_chunk(w2, c, chan, hc, CP, HP, HC, DOT_T, SPLIT)
+                    dx = _mma(h, w_hi, w_lo, dx, SPLIT, False, PREC)
+                if HAS_B2:
+                    dx += bias2[None, :]
+                if S_CLAMP:
+                    ud = dx
+                    if U_CLAMP:
+                        ud = _clamp(dx, u_lo, u_hi)
+                    keep = _inside_range(x + ud * rate[:, None], s_lo, s_hi)
+                    g = g * keep
+                    gdx = gdx * keep
                 if U_CLAMP:
-                    ud = _clamp(dx, u_lo, u_hi)
-                keep = _inside_range(x + ud * rate[:, None], s_lo, s_hi)
-                g = g * keep
-                gdx = gdx * keep
-            if U_CLAMP:
-                gdx = gdx * _inside_range(dx, u_lo, u_hi)
-        tl.store(gx + cell[:, None] * C + chan[None, :], g, mask=vmask)
-        gdx = tl.where(vmask, gdx, 0.0)  # (tiles past the end add nothing to the sums)
-        gb2 += tl.sum(gdx, 0)
+                    gdx = gdx * _inside_range(dx, u_lo, u_hi)
+            tl.store(gx + cell[:, None] * C + chan[None, :], g, mask=vmask & lead[None, :])
+            gdx = tl.where(vmask, gdx, 0.0)  # (tiles past the end add nothing to the sums)
+            gb2 += tl.sum(gdx, 0)
+            if PASS == 1:
+                tl.store(gd + cell[:, None] * CP + chan[None, :], gdx, mask=valid[:, None])
 
-        # ---- the MLP's backward, chunk by chunk: weight-gradient sums and dL/dp -----------------
-        gps = ()
-        for _f in tl.static_range(F):
-            gps = gps + (tl.zeros((BW, CP), tl.float32),)
-        ngw1 = ()
-        ngw2 = ()
-        ngb1 = ()
-        for c in tl.static_range(NCH):
-            h, dh = _layer1_chunk(pcs, w1, wb, ones, c, chan, hc, HP, h_lo, h_hi, CP, F, HC, HAS_B1, H_CLAMP,
+        if PASS != 1:
+            # ---- the MLP's backward for this chunk: weight-gradient sums and its share of dL/dp -------
+            h, dh = _layer1_chunk(pcs, w1, wb, ones, cc, chan, hc, HP, h_lo, h_hi, CP, F, HC, HAS_B1, H_CLAMP,
                                   DOT_T, PREC, FAST, SPLIT, BW)
-            rows = c * HC + hc
-            hok = (rows < HP)[None, :]
-            ngw2 = ngw2 + (tl.dot(tl.trans(h.to(tl.float32)), gdx, gw2[c], input_precision=GPREC),)
+            gw2 = tl.dot(tl.trans(h.to(tl.float32)), gdx, gw2, input_precision=GPREC)
             w2t = tl.load(w2 + rows[None, :] * CP + chan[:, None], mask=hok, other=0.0)  # [CP, HC] fp32
             if SPLIT:
                 w2t += tl.load(w2 + HP * CP + rows[None, :] * CP + chan[:, None], mask=hok, other=0.0)
             gh = tl.dot(gdx, w2t, input_precision=GPREC) * dh
-            ngb1 = ngb1 + (gb1[c] + tl.sum(gh, 0),)
-            ngps = ()
+            gb1 += tl.sum(gh, 0)
+            ngw1 = ()
             for f in tl.static_range(F):
-                ngw1 = ngw1 + (tl.dot(tl.trans(gh), pcs[f].to(tl.float32), gw1[c * F + f], input_precision=GPREC),)
+                ngw1 = ngw1 + (tl.dot(tl.trans(gh), pcs[f].to(tl.float32), gw1[f], input_precision=GPREC),)
                 w1t = tl.load(w1 + f * CP * HP + chan[None, :] * HP + rows[:, None], mask=hok.T, other=0.0)
                 if SPLIT:  # ([HC, CP] fp32)
                     w1t += tl.load(w1 + (F + f) * CP * HP + chan[None, :] * HP + rows[:, None], mask=hok.T, other=0.0)
-                ngps = ngps + (tl.dot(gh, w1t, gps[f], input_precision=GPREC),)
-            gps = ngps
-        gw1 = ngw1
-        gw2 = ngw2
-        gb1 = ngb1
-        for f in tl.static_range(F):
-            gpf = gps[f]
-            if P_CLAMP:
-                gpf = gpf * _inside_range(pts[f].to(tl.float32), p_lo, p_hi)
-            tl.store(gp + cell[:, None] * (F * CP) + f * CP + chan[None, :], gpf, mask=vmask)
+                gpf = tl.dot(gh, w1t, input_precision=GPREC)
+                if P_CLAMP:
+                    gpf = gpf * _inside_range(pts[f].to(tl.float32), p_lo, p_hi)
+                tl.store(gp_c + cell[:, None] * (F * CP) + f * CP + chan[None, :], gpf, mask=vmask)
+            gw1 = ngw1
 
-    # ---- this program's partial sums, added by the launcher in a fixed order ----------------------
+    # ---- this program's partial sums (its chunk's slice of the stream's row), added by the launcher
+    # in a fixed order ------------------------------------------------------------------------------
     NPART: tl.constexpr = F * CP * HP + HP * CP + HP + CP
-    row = part + pid * NPART
-    for c in tl.static_range(NCH):
-        rows = c * HC + hc
+    row = part + tp * NPART
+    if PASS != 1:
         ok = (rows < HP)[:, None]
         for f in tl.static_range(F):
-            tl.store(row + f * CP * HP + chan[None, :] * HP + rows[:, None], gw1[c * F + f], mask=ok)
-        tl.store(row + F * CP * HP + rows[:, None] * CP + chan[None, :], gw2[c], mask=ok)
-        tl.store(row + F * CP * HP + HP * CP + rows, gb1[c], mask=rows < HP)
-    tl.store(row + F * CP * HP + HP * CP + HP + chan, gb2)
+            tl.store(row + f * CP * HP + chan[None, :] * HP + rows[:, None], gw1[f], mask=ok)
+        tl.store(row + F * CP * HP + rows[:, None] * CP + chan[None, :], gw2, mask=ok)
+        tl.store(row + F * CP * HP + HP * CP + rows, gb1, mask=rows < HP)
+    if PASS != 2:
+        tl.store(row + F * CP * HP + HP * CP + HP + chan, gb2, mask=lead)
+
+
+@triton.jit
+def _gp_rows(gp, slab, bb, ri, rj, ok, H, W, col, colok, NCH: tl.constexpr, FCP: tl.constexpr):
+    """The perception gradients of cells (bb, ri, rj) ([BW, FP*CP], zero where not ``ok``), summed
+    over the hidden chunks' slabs."""
+    row = ((bb * H + ri) * W + rj).to(tl.int64) * FCP
+    v = tl.load(gp + row[:, None] + col[None, :], mask=ok[:, None] & colok[None, :], other=0.0)
+    for s in tl.static_range(1, NCH):
+        v += tl.load(gp + s * slab + row[:, None] + col[None, :], mask=ok[:, None] & colok[None, :], other=0.0)
+    return v
+
+
+@triton.jit
+def perceive_vjp_kernel(
+    gp, taps, fscale, gx,  # g_p slabs [NCH, B, H, W, F*CP] fp32; taps [9, F]; filter scales [F]; in/out gx
+    H, W, n_items,
+    C: tl.constexpr, CP: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, NEEDS: tl.constexpr,
+    PAD: tl.constexpr, NCH: tl.constexpr, BW: tl.constexpr,
+):
+    """The transposed perception, added into ``gx`` ([B, H, W, C] fp32, holding the residual path's
+    gradient): gx[m] += sum over filters f, taps k and cells n with pad(n + e_k) = m of
+    taps[k, f] * fscale[f] * g_p[n, f]. Per axis the sources of m for the offset e are m - e (inside
+    the grid; circular: wrapped) and, with replicate padding, m itself where the padding read m for a
+    neighbour outside (m = 0, e = -1; m = N-1, e = +1): what ``reference.perceive_vjp`` folds back,
+    without its [B, F*C, H+2, W+2] intermediate.
+
+    One tile of BW cells per program. A neighbour's F*CP gradients are one contiguous row (192 B for
+    the growing model), loaded once per tap and summed over the slabs: each slab is read about once
+    from DRAM, the other taps hit cache. The taps run in a loop, not unrolled: unrolled, the compiler
+    issues all nine taps' loads up front (255 registers, spills). This one launch replaces ~10
+    PyTorch ones (slab sum, permute, grouped transposed convolution, filter sum, padding folds,
+    residual add) and their ~2 KB a cell of traffic."""
+    FCP: tl.constexpr = F * CP
+    slab = n_items.to(tl.int64) * FCP  # (elements per slab; a multiple of 16: 128-bit loads)
+    pid = tl.program_id(0)
+    m = tl.arange(0, BW)
+    col = tl.arange(0, FP * CP)  # f * CP + c
+    fcol = col // CP
+    if C == CP:
+        colok = fcol < F
+    else:  # (the slabs' padding channels are never written)
+        colok = (fcol < F) & (col % CP < C)
+    q = pid * BW + m
+    valid = q < n_items
+    cell = tl.where(valid, q, 0)
+    HW = H * W
+    bb = cell // HW
+    ii = (cell % HW) // W
+    j = cell % W
+    scale = tl.load(fscale + fcol, mask=fcol < F, other=0.0)
+    acc = tl.zeros((BW, FP * CP), tl.float32)
+    for k in range(9):
+        if (NEEDS >> k) & 1:
+            tap = tl.load(taps + k * F + fcol, mask=fcol < F, other=0.0) * scale
+            ey = k // 3 - 1
+            ex = k % 3 - 1
+            ri = ii - ey
+            rj = j - ex
+            if PAD == 1:
+                ri = (ri + H) % H
+                rj = (rj + W) % W
+                v = _gp_rows(gp, slab, bb, ri, rj, valid, H, W, col, colok, NCH, FCP)
+            else:
+                oki = (ri >= 0) & (ri < H)
+                okj = (rj >= 0) & (rj < W)
+                v = _gp_rows(gp, slab, bb, ri, rj, valid & oki & okj, H, W, col, colok, NCH, FCP)
+                if PAD == 2:  # replicate: the edge cell also received what the padding ring read
+                    fi = (ii == (k // 3 // 2) * (H - 1)) & (ri != ii)  # (row 0 for e = -1, H - 1 for +1)
+                    fj = (j == (k % 3 // 2) * (W - 1)) & (rj != j)
+                    v += _gp_rows(gp, slab, bb, ii, rj, valid & fi & okj, H, W, col, colok, NCH, FCP)
+                    v += _gp_rows(gp, slab, bb, ri, j, valid & oki & fj, H, W, col, colok, NCH, FCP)
+                    v += _gp_rows(gp, slab, bb, ii, j, valid & fi & fj, H, W, col, colok, NCH, FCP)
+            acc += v * tap[None, :]
+    g = tl.sum(tl.reshape(acc, (BW, FP, CP)), 1)
+    chan = tl.arange(0, CP)
+    out = gx + cell[:, None] * C + chan[None, :]
+    ok = valid[:, None] & (chan[None, :] < C)
+    g += tl.load(out, mask=ok, other=0.0)
+    tl.store(out, g, mask=ok)
