@@ -196,6 +196,8 @@ class NCA(nn.Module):
 
     @torch.no_grad()
     def _frames(self, x, steps, seed, start_step, every, origin, backend):
+        if steps == 0:
+            return
         if backend == "triton":
             r = self.fused_rollout(x.shape, x.dtype, steps, origin=origin)
             for k, state, _ in fused_stream(r, x, seed=seed, start_step=start_step, every=every):
@@ -212,12 +214,15 @@ class NCA(nn.Module):
                 yield k + 1, x
 
     def rollout_bytes_per_cell(self, dtype: torch.dtype, backend: str) -> int:
-        """Memory a rollout step needs per grid cell beyond its input state: the fused path holds
-        three states and two mask bytes, the CPU path three states, the reference its intermediates
-        (perception, hidden, update) in float32 (float64 for a float64 state)."""
+        """Memory a rollout needs per grid cell beyond its input state: the fused path two states (its
+        ping-pong buffers; the result is one of them) and, for alive models, two mask bytes, whatever
+        the number of steps; the CPU path three states; the reference its intermediates (perception,
+        hidden, update) in float32 (float64 for a float64 state)."""
         s = self.spec
         state = s.channels * torch.empty((), dtype=dtype).element_size()
-        if backend in ("triton", "cpu"):
+        if backend == "triton":
+            return 2 * state + (2 if s.alive_channel is not None else 0)
+        if backend == "cpu":
             return 3 * state + 2
         compute = 8 if dtype == torch.float64 else 4
         return state + compute * (2 * s.perception_size + 2 * s.hidden + 4 * s.channels) + 1

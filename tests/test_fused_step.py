@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nca_fast as nf
 from nca_fast import rng
@@ -313,6 +315,47 @@ def test_fused_rollout_object_reuses_buffers_and_takes_new_counters():
     assert [b.data_ptr() for b in r.bufs] == ptrs
     with pytest.raises(ValueError, match="built for"):
         r(x[:, :, :5], seed=0)
+
+
+class _NewStorages(TorchDispatchMode):
+    """Records the storages of state-sized tensors (``shape``) that ops create (not their inputs')."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.seen = tuple(shape), {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = lambda t: [a for a in pytree.tree_leaves(t) if isinstance(a, torch.Tensor)]
+        inputs = {a.untyped_storage().data_ptr() for a in leaves((args, kwargs))}
+        for o in leaves(out):
+            ptr = o.untyped_storage().data_ptr()
+            if tuple(o.shape) == self.shape and ptr not in inputs:
+                self.seen.setdefault(ptr, str(func))
+        return out
+
+
+@pytest.mark.parametrize("spec", [nf.growing_spec(), nf.texture_spec()], ids=["alive", "texture"])
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_rollout_holds_two_state_buffers(spec, steps):
+    """A fused rollout allocates two state buffers whatever its length (the result is one of them;
+    an NCHW input is converted into the other; an alive model's true state is finalized into the one
+    the last step read), leaves its input alone, and equals the reference."""
+    g = torch.Generator().manual_seed(22)
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=2, H=9, W=23)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        before = inp.clone()
+        with _NewStorages(x.shape) as allocs:
+            y = model.rollout(inp, steps, seed=3, backend="triton")
+        assert len(allocs.seen) == (2 if steps else 1), allocs.seen  # (0 steps: a copy of x)
+        assert torch.equal(inp, before)
+        torch.testing.assert_close(y, model.rollout(x, steps, seed=3, backend="reference"), atol=2e-5, rtol=2e-5)
+    with _NewStorages(x.shape) as allocs:
+        got = [s.clone() for _, s in model.frames(x, 4, seed=3, every=1, backend="triton")]
+    assert len(allocs.seen) == 2 + 4, allocs.seen  # (the 4 clones are ours)
+    want = model.rollout(x, 4, seed=3, every=1, backend="reference")
+    torch.testing.assert_close(torch.stack(got), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("programs", [2, 3])

@@ -55,10 +55,12 @@ def run(args) -> int:
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     cuda = torch.cuda.is_available() and args.backend in ("auto", "triton")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:  # (NCCL: each rank on its own GPU before the group forms, or all would share GPU 0)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     model = load_model(args.model, args.name).to(device).requires_grad_(False)
     circular = model.spec.padding == "circular"
     lay = Layout.make(H, W, rank, world, circular)

@@ -1,9 +1,12 @@
 """Fused rollouts: state buffers allocated once, one launch per step, CUDA-graph capturable.
 
-Two channels-last state buffers ping-pong and, for alive models, two mask-byte buffers hold the
-pending form (``step.py``); a frame costs one more launch (``finalize``) for alive models. An input
-is converted to channels-last once per rollout, not per step. The seed and the base step live in a
-device tensor, so a captured graph replays with new values.
+A rollout holds two channels-last state buffers that ping-pong (step k writes ``bufs[k % 2]``) and,
+for alive models, two mask-byte planes for the pending form (``step.py``): 2 states + 2 bytes a cell,
+whatever the number of steps. Nothing else is state-sized: the input is converted to channels-last
+into the buffer step 0 does not write (or read in place when it already is channels-last), and an
+alive model's true state is finalized into the buffer its last step read, which is free by then. So a
+frame costs one more launch (``finalize``) for alive models and no memory. The seed and the base step
+live in a device tensor, so a captured graph replays with new values.
 """
 from __future__ import annotations
 
@@ -41,8 +44,6 @@ class FusedRollout:
         B, _, H, W = shape
         self.pres = ([torch.empty(B, H, W, dtype=torch.uint8, device=device) for _ in range(2)]
                      if self.cfg.ALIVE else [None, None])
-        self.out = torch.empty_like(self.bufs[0]) if self.cfg.ALIVE else None
-        self.x = None  # the static input of __call__ / capture, allocated on first use
         self.graph = None
         self.head = head
         self.image = None
@@ -50,45 +51,54 @@ class FusedRollout:
             c = head.config
             self.image = torch.empty(B, c.K, H * c.R, W * c.R, dtype=dtype, device=device)
 
+    @property
+    def x(self) -> torch.Tensor:
+        """The static input of ``__call__`` and ``capture``: the buffer step 0 reads and step 1 writes."""
+        return self.bufs[1]
+
+    @property
+    def out(self) -> torch.Tensor:
+        """Where ``__call__`` leaves the final state: the last step's buffer, or for alive models the
+        one finalize writes (the buffer the last step read)."""
+        if self.steps == 0:
+            return self.bufs[1]
+        return self.bufs[self.steps % 2] if self.cfg.ALIVE else self.bufs[(self.steps - 1) % 2]
+
     def _head_args(self) -> dict:
         if self.head is None:
             return {}
         return dict(head=self.head.config, head_weights=self.head.weights, image=self.image)
 
-    def launch(self, k: int, src, src_pre, frame: bool = False, dst=None):
-        """Step ``k`` of the rollout from ``src`` into ``dst`` (default: a ping-pong buffer); returns
-        the buffers it wrote (pending form). ``frame``: decode this step's state (models without
-        alive masks decode in this pass)."""
-        dst, dst_pre = (self.bufs[k % 2] if dst is None else dst), self.pres[k % 2]
+    def launch(self, k: int, src, src_pre, frame: bool = False):
+        """Step ``k`` of the rollout from ``src`` into ``bufs[k % 2]``; returns the buffers it wrote
+        (pending form). ``frame``: decode this step's state (models without alive masks decode in
+        this pass)."""
+        dst, dst_pre = self.bufs[k % 2], self.pres[k % 2]
         head = self._head_args() if frame and not self.cfg.ALIVE else {}
         launch_step(self.cfg, self.spec, self.packed, src, src_pre, dst, dst_pre, self.ctr, step_offset=k,
                     origin=self.origin, fire_rate=self.spec.fire_rate, pending=k > 0, **head)
         return dst, dst_pre
 
-    def materialise(self, src, src_pre) -> torch.Tensor:
-        """The true state of ``src`` in ``self.out`` (alive models: and its frame, if decoding)."""
-        if self.cfg.ALIVE:
-            launch_finalize(self.cfg, self.spec, src, src_pre, self.out, **self._head_args())
-            return self.out
-        if self.out is None:
-            self.out = torch.empty_like(src)
-        return self.out if src is self.out else self.out.copy_(src)
+    def materialise(self, k: int, src, src_pre) -> torch.Tensor:
+        """The true state after step ``k`` (whose output is ``src``): ``src`` itself, or for alive
+        models finalized into the other buffer (alive models: and its frame, if decoding). Step
+        ``k + 1`` overwrites it."""
+        if not self.cfg.ALIVE:
+            return src
+        dst = self.bufs[(k + 1) % 2]
+        launch_finalize(self.cfg, self.spec, src, src_pre, dst, **self._head_args())
+        return dst
 
     def _run(self):
-        if self.steps == 0:
-            return self.out.copy_(self.x)
         src, src_pre = self.x, None
         for k in range(self.steps):
-            last = k == self.steps - 1  # without alive masks the last step writes the result itself
-            src, src_pre = self.launch(k, src, src_pre, frame=last,
-                                       dst=self.out if last and not self.cfg.ALIVE else None)
-        return self.materialise(src, src_pre)
+            src, src_pre = self.launch(k, src, src_pre, frame=k == self.steps - 1)
+        return self.materialise(self.steps - 1, src, src_pre) if self.steps else src
 
     def capture(self):
         """Record the launches in a CUDA graph (replayed by ``__call__``)."""
         if self.device.type != "cuda":
             raise RuntimeError("FusedRollout.capture needs a CUDA device")
-        self._static_input()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -98,13 +108,6 @@ class FusedRollout:
         with torch.cuda.graph(self.graph):
             self._run()
         return self
-
-    def _static_input(self):
-        if self.x is None:
-            self.x = torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=torch.channels_last)
-        if self.out is None:
-            self.out = torch.empty_like(self.x)
-        return self.x
 
     def set_counters(self, seed: int, start_step: int) -> None:
         rng.check_seed(seed)
@@ -120,7 +123,7 @@ class FusedRollout:
             raise ValueError(f"FusedRollout was built for {self.shape} {self.dtype} on {self.device}, "
                              f"got {tuple(x.shape)} {x.dtype} on {x.device}")
         self.set_counters(seed, start_step)
-        self._static_input().copy_(x)
+        self.x.copy_(x)
         if self.graph is not None:
             self.graph.replay()
             return self.out
@@ -133,10 +136,13 @@ def fused_stream(r: FusedRollout, x: torch.Tensor, *, seed: int, start_step: int
     """Stream the rollout ``r`` from ``x``: ``(steps_done, state, image)`` after every ``every``-th
     step (one ``finalize`` per frame for alive models); the yielded tensors are reused."""
     r.set_counters(seed, start_step)
-    src, src_pre = x.contiguous(memory_format=torch.channels_last), None  # once per rollout
+    if x.is_contiguous(memory_format=torch.channels_last):
+        src = x  # read in place (step 0 writes bufs[0]; nothing writes x)
+    else:
+        src = r.x.copy_(x)  # channels-last once per rollout, into the buffer step 0 does not write
+    src_pre = None
     for k in range(r.steps):
         frame = (k + 1) % every == 0
         src, src_pre = r.launch(k, src, src_pre, frame)
         if frame:
-            state = r.materialise(src, src_pre) if r.cfg.ALIVE else src
-            yield k + 1, state, r.image
+            yield k + 1, r.materialise(k, src, src_pre), r.image
