@@ -40,7 +40,7 @@ def test_tensor_core_mlp(report):
     the fp32-accurate "ieee" variants too (three TF32 passes)."""
     _, rows, _ = report
     mlps = [r for r in rows if (not r["config"].startswith("finalize/") or "+ps" in r["config"])
-            and "/perceive_vjp/" not in r["config"]]  # (the transposed perception has no MLP)
+            and not any(k in r["config"] for k in ("/perceive_vjp/", "/reduce/"))]  # (no MLP in these)
     assert any(r["config"].startswith(("lppn", "pixel_shuffle")) for r in mlps)  # decode configs too
     for r in mlps:  # wgmma needs 64-row tiles: the step's 32-cell border tiles use mma.sync on Hopper too
         want = "HGMMA" if r["target"] == "sm_90a" and r["cells_per_tile"] >= 64 else "HMMA"
@@ -61,16 +61,19 @@ def test_no_step_spills_beyond_its_limit(report):
 def test_backward_is_compiled_for_every_model_it_takes(report):
     """The step's backward: each published model in every precision (and the smallest shape class) on
     both targets, its spills within catalogue.BACKWARD_SPILL_LIMITS (none for the smallest models, nor
-    for the growing model on sm_90a), and its transposed perception for each, without spills."""
+    for the growing model on sm_90a), and its transposed perception and weight-gradient reduction for
+    each, without spills."""
     _, rows, _ = report
-    back = [r for r in rows if r["config"].startswith("backward/") and "/perceive_vjp/" not in r["config"]]
-    vjp = [r for r in rows if "/perceive_vjp/" in r["config"]]
+    back = [r for r in rows if r.get("kernel") == "step_backward"]
+    vjp = [r for r in rows if r.get("kernel") == "perceive_vjp"]
+    reduce = [r for r in rows if r.get("kernel") == "reduce_partials"]
     for model in (*catalogue.PUBLISHED, "min-4x16"):
         for target in ("sm_80", "sm_90a"):
             got = {r["dtype"] for r in back if r["model"] == model and r["target"] == target}
             assert got == {"tf32", "ieee", "fp16", "bf16"}, (model, target, got)
             assert any(r["model"] == model and r["target"] == target for r in vjp), (model, target)
-    assert all(r["spill_bytes"] == 0 for r in vjp), vjp
+            assert any(r["model"] == model and r["target"] == target for r in reduce), (model, target)
+    assert all(r["spill_bytes"] == 0 for r in vjp + reduce), vjp + reduce
     for r in back:
         assert r["spill_bytes"] <= catalogue.backward_spill_limit(r), r
         if r["dtype"] != "ieee" and (r["model"] == "min-4x16" or (r["model"] == "growing-16x128"

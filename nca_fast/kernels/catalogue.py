@@ -14,6 +14,7 @@ from .config import (
     LPPN_HIDDEN_SIZES,
     PERCEIVE_VJP_BW,
     PS_DECODE_TILE,
+    REDUCE_BLOCK,
     dot_types,
     head_config,
     lppn_launch,
@@ -68,8 +69,8 @@ SPILL_LIMITS = {"ieee": 256, "max-64x256": 640}
 
 # The backward spreads its weight-gradient sums over one program per hidden chunk (each holds
 # (F + 1) * HC * CP fp32: 32 registers a thread); what a 64-cell tile's recomputed forward then leaves
-# over spills. Measured (triton 3.9): sm_90a growing none, texture 8-24 B; sm_80 growing 8-32 B,
-# texture 16-24 B; "ieee" (three TF32 products per dot) 72-712 B; the smallest models none.
+# over spills. Measured (triton 3.9): sm_90a growing none, texture 8-24 B; sm_80 growing 8-24 B,
+# texture 16-24 B; "ieee" (three TF32 products per dot) 72-696 B; the smallest models none.
 BACKWARD_SPILL_LIMITS = {"ieee": 768, "": 32}
 
 
@@ -221,7 +222,24 @@ def backward_configs() -> List[KernelConfig]:
             configs += _backward(f"backward/{model}/{precision}", model, spec, precision)
         if not step_config(spec, "tf32").backward_problem() and model in PUBLISHED:
             configs += _backward(f"backward/{model}/tf32/mask", model, spec, "tf32", has_mask=True)
-        configs += _perceive_vjp(model, spec)
+        configs += _perceive_vjp(model, spec) + _reduce_partials(model, spec)
+    return configs
+
+
+def _reduce_partials(model, spec) -> List[KernelConfig]:
+    """The weight gradients' reduction: one per packed layout the precisions give (split or not)."""
+    configs = []
+    cfgs = [step_config(spec, p) for p in ("tf32", "ieee", "fp16", "bf16")]
+    for split, hp in sorted({(c.SPLIT, c.HP) for c in cfgs if not c.backward_problem()}):
+        cfg = next(c for c in cfgs if (c.SPLIT, c.HP) == (split, hp))
+        ce = dict(F=cfg.F, CP=cfg.CP, HP=hp, SPLIT=split, BLOCK=REDUCE_BLOCK)
+        sig = {**{n: "*fp32" for n in ("part", "gw1", "gwb", "gw2", "gb2")}, "streams": "i32",
+               **{n: "constexpr" for n in ce}}
+        meta = dict(kernel="reduce_partials", model=model, dtype="fp32", phase="backward", interior=False,
+                    cells_per_tile=None, head=False, mask=False)
+        name = f"backward/{model}/reduce/{'split' if split else 'plain'}-{hp}"
+        configs.append(KernelConfig(name, step_backward.reduce_partials_kernel, sig, ce, num_warps=4, num_stages=1,
+                                    note="weight gradients", meta=meta))
     return configs
 
 

@@ -86,6 +86,7 @@ CHANNEL_CHUNK = 16  # input channels per perception pass (layer 1's K loop)
 BACKWARD_BW = 64
 BACKWARD_WARPS = 4
 BACKWARD_HC = 64  # hidden units per program: M of its weight-gradient dots (hidden units along M)
+REDUCE_BLOCK = 1024  # weight-gradient entries per program of the partial sums' reduction
 PERCEIVE_VJP_BW = 64  # cells per program of the transposed perception ([64, 4 * 16] fp32 sums: 32 registers)
 W_RESIDENT_BYTES = 96 * 1024  # weights up to this size stay in shared memory for the whole launch
 _STATES = {"tf32": "fp32", "ieee": "fp32", "fp16": "fp16", "bf16": "bf16"}

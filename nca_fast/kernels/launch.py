@@ -18,6 +18,7 @@ from .config import (
     BACKWARD_WARPS,
     PERCEIVE_VJP_BW,
     PS_DECODE_TILE,
+    REDUCE_BLOCK,
     HeadConfig,
     StepConfig,
     dot_types,
@@ -25,7 +26,7 @@ from .config import (
     perceive_vjp_constexprs,
 )
 from .step import nca_finalize_kernel, nca_step_kernel
-from .step_backward import nca_step_backward_kernel, perceive_vjp_kernel
+from .step_backward import nca_step_backward_kernel, perceive_vjp_kernel, reduce_partials_kernel
 
 
 def grid_programs(n_tiles: int, device: torch.device) -> int:
@@ -124,8 +125,8 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, ctr
     for alive models, ``life`` (u8 ``[B, H, W]``, from ``launch_finalize``). Returns (``gy`` fp32
     ``[B, C, H, W]`` channels-last: the state gradient's residual path; ``gp`` fp32
     ``[NCH, B, H, W, F*CP]``: the perception gradients, a slab per hidden chunk to be added (padding
-    channels unwritten); the weight gradients summed over the programs' partial sums, fp32
-    ``[F*CP*HP + HP*CP + HP + CP]``: gW1, gW2, gb1, gb2 in the packed layouts)."""
+    channels unwritten); (gW1, gW1's bias rows, gW2, gb2): the weight gradients in the packed
+    weights' layouts, fp32, summed over the tile streams' partial sums in a fixed order)."""
     _check_channels_last(x, g)
     B, _, H, W = x.shape
     n = B * H * W
@@ -148,7 +149,15 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, ctr
             H, W, n, -(-n_tiles // streams), 0, i32(origin[0]), i32(origin[1]), i32(batch_offset),
             rng.fire_threshold(fire_rate), float(spec.step_size), *_clamp_args(spec),
             num_warps=BACKWARD_WARPS, num_stages=1, **cfg.backward_constexprs(update_mask is not None, pass_))
-    return gy, gp, part.sum(0)  # (a fixed-order reduction over programs: no atomics, reproducible)
+    F, CP, HP = cfg.F, cfg.CP, cfg.HP
+    split = (2,) if cfg.SPLIT else ()
+    grads = tuple(torch.empty(split + shape, dtype=torch.float32, device=x.device)
+                  for shape in ((F, CP, HP), (16, HP), (HP, CP))) + (torch.empty(CP, dtype=torch.float32,
+                                                                                device=x.device),)
+    npart = part.shape[1]
+    reduce_partials_kernel[(-(-npart // REDUCE_BLOCK),)](part, *grads, streams, F=F, CP=CP, HP=HP, SPLIT=cfg.SPLIT,
+                                                        BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=1)
+    return gy, gp, grads
 
 
 def launch_perceive_vjp(cfg: StepConfig, gp: torch.Tensor, gy: torch.Tensor, fscale: torch.Tensor) -> torch.Tensor:

@@ -79,22 +79,13 @@ def fused_step_backward_op(x: torch.Tensor, life: torch.Tensor, g: torch.Tensor,
         gx, gw1, gwb, gw2, gb2 = _reference_backward(spec, x, g, (w1, wb, w2, b2), ctr, update_mask, fire_rate,
                                                      (row0, col0), cfg.SPLIT)
         return gx, gw1.to(dtypes[0]), gwb.to(dtypes[1]), gw2.to(dtypes[2]), gb2
-    B, C, H, W = x.shape
     xc = x.contiguous(memory_format=torch.channels_last)
     gc = g.contiguous(memory_format=torch.channels_last)
-    gy, gp, sums = launch_step_backward(cfg, spec, (w1, wb, w2, b2, fscale), xc, life if cfg.ALIVE else None, gc,
-                                        ctr, origin=(row0, col0), fire_rate=fire_rate, update_mask=update_mask)
-    F, CP, HP = cfg.F, cfg.CP, cfg.HP
+    gy, gp, (gw1, gwb, gw2, gb2) = launch_step_backward(cfg, spec, (w1, wb, w2, b2, fscale), xc,
+                                                        life if cfg.ALIVE else None, gc, ctr, origin=(row0, col0),
+                                                        fire_rate=fire_rate, update_mask=update_mask)
     gx = _like(x, launch_perceive_vjp(cfg, gp, gy, fscale))
-    o = F * CP * HP
-    gw1 = sums[:o].view(F, CP, HP)
-    gw2 = sums[o:o + HP * CP].view(HP, CP)
-    gwb = torch.zeros(16, HP, dtype=torch.float32, device=x.device)
-    gwb[0] = sums[o + HP * CP:o + HP * CP + HP]
-    gb2 = sums[o + HP * CP + HP:].clone()
-    if cfg.SPLIT:  # the packed matrix's two parts both carry the matrix's gradient
-        gw1, gwb, gw2 = (torch.stack([t, t]) for t in (gw1, gwb, gw2))
-    return gx, gw1.to(dtypes[0], copy=True), gwb.to(dtypes[1]), gw2.to(dtypes[2], copy=True), gb2
+    return gx, gw1.to(dtypes[0]), gwb.to(dtypes[1]), gw2.to(dtypes[2]), gb2
 
 
 @fused_step_backward_op.register_fake

@@ -18,7 +18,8 @@ parallel one, as in a GEMM's N. The chunk-0 program of a stream writes ``gy`` (t
 state gradient); each writes its chunk's share of ``g_p`` into its own slab ([NCH, B, H, W, F*CP]:
 ``perceive_vjp_kernel`` below adds the slabs and turns them into the rest of the state gradient, as
 ``nca_fast.reference.perceive_vjp`` does) and its slice of its stream's row of partial sums,
-which the launcher adds in a fixed order: no floating-point atomics, so gradients are bit-reproducible.
+which ``reduce_partials_kernel`` adds in a fixed order: no floating-point atomics, so gradients are
+bit-reproducible.
 Models with update or state clamps need the whole update for their masks: an update pass (PASS 1, one
 program per stream) recomputes the MLP once and writes ``g_dx``; the MLP pass (PASS 2) reads it, so no
 chunk's program recomputes the whole MLP. Models without (PASS 0) run in one launch.
@@ -134,9 +135,13 @@ def nca_step_backward_kernel(
     for _f in tl.static_range(F):
         gw1 = gw1 + (tl.zeros((HC, CP), tl.float32),)
     gw2 = tl.zeros((HC, CP), tl.float32)
-    gb1 = tl.zeros((HC,), tl.float32)
+    # gb1's sum over a tile's cells: with 64-unit chunks a dot with a ones column (tensor cores, shares
+    # the transposed g_h with gW1's dot: -20 warp-instructions a cell, -8 barriers, measured) instead of
+    # a cross-thread reduction (132 shuffles a tile); [HC, 16] sums, column 0 used. Smaller chunks spill.
+    BIAS_DOT: tl.constexpr = HC >= 64
+    gb1 = tl.zeros((HC, 16) if BIAS_DOT else (HC,), tl.float32)
     gb2 = tl.zeros((CP,), tl.float32)
-    # dL/dp of this chunk goes to its own slab of gp ([NCH, B*H*W, F*CP]), added by the launcher
+    # dL/dp of this chunk goes to its own slab of gp ([NCH, B*H*W, F*CP]), added by perceive_vjp_kernel
     gp_c = gp + cc.to(tl.int64) * n_items * (F * CP)
     seed = tl.load(ctr)
     step = (tl.load(ctr + 1) + step_offset).to(tl.uint32)
@@ -210,7 +215,10 @@ def nca_step_backward_kernel(
             if SPLIT:
                 w2t += tl.load(w2 + HP * CP + rows[None, :] * CP + chan[:, None], mask=hok, other=0.0)
             gh = tl.dot(gdx, w2t, input_precision=GPREC) * dh
-            gb1 += tl.sum(gh, 0)
+            if BIAS_DOT:
+                gb1 = tl.dot(tl.trans(gh), ones.to(tl.float32), gb1, input_precision=GPREC)
+            else:
+                gb1 += tl.sum(gh, 0)
             ngw1 = ()
             for f in tl.static_range(F):
                 ngw1 = ngw1 + (tl.dot(tl.trans(gh), pcs[f].to(tl.float32), gw1[f], input_precision=GPREC),)
@@ -223,8 +231,8 @@ def nca_step_backward_kernel(
                 tl.store(gp_c + cell[:, None] * (F * CP) + f * CP + chan[None, :], gpf, mask=vmask)
             gw1 = ngw1
 
-    # ---- this program's partial sums (its chunk's slice of the stream's row), added by the launcher
-    # in a fixed order ------------------------------------------------------------------------------
+    # ---- this program's partial sums (its chunk's slice of the stream's row), which
+    # reduce_partials_kernel adds in a fixed order ----------------------------------------------------
     NPART: tl.constexpr = F * CP * HP + HP * CP + HP + CP
     row = part + tp * NPART
     if PASS != 1:
@@ -232,6 +240,8 @@ def nca_step_backward_kernel(
         for f in tl.static_range(F):
             tl.store(row + f * CP * HP + chan[None, :] * HP + rows[:, None], gw1[f], mask=ok)
         tl.store(row + F * CP * HP + rows[:, None] * CP + chan[None, :], gw2, mask=ok)
+        if BIAS_DOT:
+            gb1 = tl.sum(tl.where(kk[None, :] == 0, gb1, 0.0), 1)
         tl.store(row + F * CP * HP + HP * CP + rows, gb1, mask=rows < HP)
     if PASS != 2:
         tl.store(row + F * CP * HP + HP * CP + HP + chan, gb2, mask=lead)
@@ -315,3 +325,35 @@ def perceive_vjp_kernel(
     ok = valid[:, None] & (chan[None, :] < C)
     g += tl.load(out, mask=ok, other=0.0)
     tl.store(out, g, mask=ok)
+
+
+@triton.jit
+def reduce_partials_kernel(
+    part, gw1, gwb, gw2, gb2,  # partials [streams, NPART]; out: the packed weights' gradients (fp32)
+    streams,
+    F: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The weight gradients: the tile streams' partial sums added in stream order (a fixed order: no
+    atomics, bit-reproducible), scattered straight into the packed layouts — gW1 [F, CP, HP], gW2
+    [HP, CP], the bias row block [16, HP] (row 0: gb1, rows 1-15 zero), gb2 [CP]; with SPLIT both
+    parts of each split matrix get the gradient. One launch instead of a reduction, a zero fill and
+    four copies per step."""
+    O1: tl.constexpr = F * CP * HP
+    O2: tl.constexpr = O1 + HP * CP
+    O3: tl.constexpr = O2 + HP
+    NPART: tl.constexpr = O3 + CP
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < NPART
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for r in range(streams):
+        acc += tl.load(part + r * NPART + cols, mask=ok, other=0.0)
+    in1 = ok & (cols < O1)
+    in2 = ok & (cols >= O1) & (cols < O2)
+    in3 = ok & (cols >= O2) & (cols < O3)
+    for s in tl.static_range(2 if SPLIT else 1):
+        tl.store(gw1 + s * O1 + cols, acc, mask=in1)
+        tl.store(gw2 + s * (HP * CP) + cols - O1, acc, mask=in2)
+        tl.store(gwb + s * (16 * HP) + cols - O2, acc, mask=in3)
+        for row in tl.static_range(1, 16):
+            tl.store(gwb + s * (16 * HP) + row * HP + cols - O2, tl.zeros((BLOCK,), tl.float32), mask=in3)
+    tl.store(gb2 + cols - O3, acc, mask=ok & (cols >= O3))
