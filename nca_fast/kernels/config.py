@@ -87,7 +87,7 @@ BACKWARD_BW = 64
 BACKWARD_WARPS = 4
 BACKWARD_HC = 64  # hidden units per program: M of its weight-gradient dots (hidden units along M)
 REDUCE_BLOCK = 1024  # weight-gradient entries per program of the partial sums' reduction
-PERCEIVE_VJP_BW = 64  # cells per program of the transposed perception ([64, 4 * 16] fp32 sums: 32 registers)
+PERCEIVE_VJP_BW = 64  # cells per program of the transposed perception (128: -14 % instructions, but sm_80 spills)
 W_RESIDENT_BYTES = 96 * 1024  # weights up to this size stay in shared memory for the whole launch
 _STATES = {"tf32": "fp32", "ieee": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _PERC_T = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
@@ -194,7 +194,7 @@ def filter_scales(spec: NCASpec) -> Tuple[float, ...]:
 
 def perceive_vjp_constexprs(cfg: StepConfig, n_chunks: int) -> dict:
     """The transposed perception's constexprs for ``cfg``'s model and ``n_chunks`` g_p slabs."""
-    return dict(C=cfg.C, CP=cfg.CP, F=cfg.F, FP=pow2(cfg.F, 1), NEEDS=sum(int(b) << k for k, b in enumerate(cfg.NEEDS)),
+    return dict(C=cfg.C, CP=cfg.CP, F=cfg.F, NEEDS=sum(int(b) << k for k, b in enumerate(cfg.NEEDS)),
                 PAD=cfg.PAD, NCH=n_chunks, BW=PERCEIVE_VJP_BW)
 
 

@@ -248,22 +248,27 @@ def nca_step_backward_kernel(
 
 
 @triton.jit
-def _gp_rows(gp, slab, bb, ri, rj, ok, H, W, col, colok, NCH: tl.constexpr, FCP: tl.constexpr):
-    """The perception gradients of cells (bb, ri, rj) ([BW, FP*CP], zero where not ``ok``), summed
-    over the hidden chunks' slabs."""
-    row = ((bb * H + ri) * W + rj).to(tl.int64) * FCP
-    v = tl.load(gp + row[:, None] + col[None, :], mask=ok[:, None] & colok[None, :], other=0.0)
-    for s in tl.static_range(1, NCH):
-        v += tl.load(gp + s * slab + row[:, None] + col[None, :], mask=ok[:, None] & colok[None, :], other=0.0)
-    return v
+def _gp_taps(acc, gp, slab, taps, fscale, k, bb, ri, rj, ok, H, W, chan, cok, F: tl.constexpr, CP: tl.constexpr,
+             NCH: tl.constexpr):
+    """``acc`` [BW, CP] plus tap k of every filter times the perception gradients of cells (bb, ri, rj)
+    (none where not ``ok``), summed over the hidden chunks' slabs."""
+    row = ((bb * H + ri) * W + rj).to(tl.int64) * (F * CP)
+    mask = ok[:, None] & cok[None, :]
+    for f in tl.static_range(F):
+        ptr = gp + row[:, None] + f * CP + chan[None, :]
+        v = tl.load(ptr, mask=mask, other=0.0)
+        for s in tl.static_range(1, NCH):
+            v += tl.load(ptr + s * slab, mask=mask, other=0.0)
+        acc += (tl.load(taps + k * F + f) * tl.load(fscale + f)) * v
+    return acc
 
 
 @triton.jit
 def perceive_vjp_kernel(
     gp, taps, fscale, gx,  # g_p slabs [NCH, B, H, W, F*CP] fp32; taps [9, F]; filter scales [F]; in/out gx
     H, W, n_items,
-    C: tl.constexpr, CP: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, NEEDS: tl.constexpr,
-    PAD: tl.constexpr, NCH: tl.constexpr, BW: tl.constexpr,
+    C: tl.constexpr, CP: tl.constexpr, F: tl.constexpr, NEEDS: tl.constexpr, PAD: tl.constexpr,
+    NCH: tl.constexpr, BW: tl.constexpr,
 ):
     """The transposed perception, added into ``gx`` ([B, H, W, C] fp32, holding the residual path's
     gradient): gx[m] += sum over filters f, taps k and cells n with pad(n + e_k) = m of
@@ -272,22 +277,16 @@ def perceive_vjp_kernel(
     neighbour outside (m = 0, e = -1; m = N-1, e = +1): what ``reference.perceive_vjp`` folds back,
     without its [B, F*C, H+2, W+2] intermediate.
 
-    One tile of BW cells per program. A neighbour's F*CP gradients are one contiguous row (192 B for
-    the growing model), loaded once per tap and summed over the slabs: each slab is read about once
-    from DRAM, the other taps hit cache. The taps run in a loop, not unrolled: unrolled, the compiler
-    issues all nine taps' loads up front (255 registers, spills). This one launch replaces ~10
-    PyTorch ones (slab sum, permute, grouped transposed convolution, filter sum, padding folds,
-    residual add) and their ~2 KB a cell of traffic."""
-    FCP: tl.constexpr = F * CP
-    slab = n_items.to(tl.int64) * FCP  # (elements per slab; a multiple of 16: 128-bit loads)
+    One tile of BW cells per program. A neighbour's gradients are F contiguous CP-channel rows, summed
+    over the slabs: each slab is read about once from DRAM, the other taps hit cache. The taps run in
+    a loop, not unrolled: unrolled, the compiler issues all nine taps' loads up front (255 registers,
+    spills). This one launch replaces ~10 PyTorch ones (slab sum, permute, grouped transposed
+    convolution, filter sum, padding folds, residual add) and their ~2 KB a cell of traffic."""
+    slab = n_items.to(tl.int64) * (F * CP)  # (elements per slab; a multiple of 16: 128-bit loads)
     pid = tl.program_id(0)
     m = tl.arange(0, BW)
-    col = tl.arange(0, FP * CP)  # f * CP + c
-    fcol = col // CP
-    if C == CP:
-        colok = fcol < F
-    else:  # (the slabs' padding channels are never written)
-        colok = (fcol < F) & (col % CP < C)
+    chan = tl.arange(0, CP)
+    cok = chan < C  # (the slabs' padding channels are never written)
     q = pid * BW + m
     valid = q < n_items
     cell = tl.where(valid, q, 0)
@@ -295,36 +294,33 @@ def perceive_vjp_kernel(
     bb = cell // HW
     ii = (cell % HW) // W
     j = cell % W
-    scale = tl.load(fscale + fcol, mask=fcol < F, other=0.0)
-    acc = tl.zeros((BW, FP * CP), tl.float32)
+    acc = tl.zeros((BW, CP), tl.float32)
     for k in range(9):
         if (NEEDS >> k) & 1:
-            tap = tl.load(taps + k * F + fcol, mask=fcol < F, other=0.0) * scale
-            ey = k // 3 - 1
-            ex = k % 3 - 1
-            ri = ii - ey
-            rj = j - ex
+            ri = ii - (k // 3 - 1)  # (the offset e = (k // 3 - 1, k % 3 - 1))
+            rj = j - (k % 3 - 1)
             if PAD == 1:
                 ri = (ri + H) % H
                 rj = (rj + W) % W
-                v = _gp_rows(gp, slab, bb, ri, rj, valid, H, W, col, colok, NCH, FCP)
+                acc = _gp_taps(acc, gp, slab, taps, fscale, k, bb, ri, rj, valid, H, W, chan, cok, F, CP, NCH)
             else:
                 oki = (ri >= 0) & (ri < H)
                 okj = (rj >= 0) & (rj < W)
-                v = _gp_rows(gp, slab, bb, ri, rj, valid & oki & okj, H, W, col, colok, NCH, FCP)
+                acc = _gp_taps(acc, gp, slab, taps, fscale, k, bb, ri, rj, valid & oki & okj, H, W, chan, cok, F, CP,
+                               NCH)
                 if PAD == 2:  # replicate: the edge cell also received what the padding ring read
                     fi = (ii == (k // 3 // 2) * (H - 1)) & (ri != ii)  # (row 0 for e = -1, H - 1 for +1)
                     fj = (j == (k % 3 // 2) * (W - 1)) & (rj != j)
-                    v += _gp_rows(gp, slab, bb, ii, rj, valid & fi & okj, H, W, col, colok, NCH, FCP)
-                    v += _gp_rows(gp, slab, bb, ri, j, valid & oki & fj, H, W, col, colok, NCH, FCP)
-                    v += _gp_rows(gp, slab, bb, ii, j, valid & fi & fj, H, W, col, colok, NCH, FCP)
-            acc += v * tap[None, :]
-    g = tl.sum(tl.reshape(acc, (BW, FP, CP)), 1)
-    chan = tl.arange(0, CP)
+                    acc = _gp_taps(acc, gp, slab, taps, fscale, k, bb, ii, rj, valid & fi & okj, H, W, chan, cok,
+                                   F, CP, NCH)
+                    acc = _gp_taps(acc, gp, slab, taps, fscale, k, bb, ri, j, valid & oki & fj, H, W, chan, cok,
+                                   F, CP, NCH)
+                    acc = _gp_taps(acc, gp, slab, taps, fscale, k, bb, ii, j, valid & fi & fj, H, W, chan, cok,
+                                   F, CP, NCH)
     out = gx + cell[:, None] * C + chan[None, :]
-    ok = valid[:, None] & (chan[None, :] < C)
-    g += tl.load(out, mask=ok, other=0.0)
-    tl.store(out, g, mask=ok)
+    ok = valid[:, None] & cok[None, :]
+    acc += tl.load(out, mask=ok, other=0.0)
+    tl.store(out, acc, mask=ok)
 
 
 @triton.jit
