@@ -269,6 +269,8 @@ class NCA(nn.Module):
         if start_step + steps > 2**32:
             raise ValueError(f"step counters start_step + steps = {start_step + steps} exceed 2**32")
         backend = self._choose(backend, x, needs_grad=True)
+        if backend == "triton":  # (before any step runs, not in the backward)
+            kop.check_backward_size(kconfig.step_config(self.spec, self.precision(x.dtype)), x.shape[2], x.shape[3])
         if checkpoint_every is not None:
             seg = check_int("checkpoint_every", checkpoint_every, 1)
         else:

@@ -138,6 +138,28 @@ def test_many_tile_streams_match_one(name, monkeypatch):
         _close(many[2][n], one[2][n], 1e-5)
 
 
+def test_batches_beyond_32_bit_indexing_run_in_slices(monkeypatch):
+    """A batch whose perception gradients exceed 32-bit indexing runs in slices of whole images (the
+    masks keyed on each image's global batch index), with the gradients of one launch; an image that
+    alone exceeds it is refused with the reason."""
+    spec = nf.growing_spec()
+    g = torch.Generator().manual_seed(9)
+    model = nf.NCA(spec, init_seed=9).to(DEVICE)
+    x = _state(spec, g, B=3, H=5, W=6)
+    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    whole = _grads(model, x, gout, "triton", seed=4)
+    monkeypatch.setattr(kop, "INT32_MAX", 2 * 5 * 6 * 3 * 16)  # two images a launch: [0, 2), [2, 3)
+    sliced = _grads(model, x, gout, "triton", seed=4)
+    _close(sliced[1], whole[1], 1e-6)
+    for n in whole[2]:
+        _close(sliced[2][n], whole[2][n], 1e-5)
+    monkeypatch.setattr(kop, "INT32_MAX", 5 * 6 * 3 * 16 - 1)
+    with pytest.raises(ValueError, match="32 bits: a 5x6 image"):
+        _grads(model, x, gout, "triton", seed=4)
+    with pytest.raises(ValueError, match="32 bits: a 5x6 image"):  # a rollout: before its first step
+        model.rollout(x.clone().requires_grad_(True), 2, backend="triton")
+
+
 @pytest.mark.parametrize("padding", ["zeros", "circular", "replicate"])
 @pytest.mark.parametrize("H, W", [(1, 1), (2, 5), (7, 3)])
 def test_transposed_perception_kernel_matches_the_reference(padding, H, W):

@@ -71,13 +71,14 @@ def _exchange(block: torch.Tensor, lay: Layout, h: int, group) -> Tuple[list, Op
     halo buffer, bottom halo buffer). Tags say which edge a message is, so that two ranks that are
     each other's up and down neighbour (2 ranks, circular) do not mix their messages up."""
     reqs, top, bot = [], None, None
+    # (contiguous buffers: gloo and NCCL take no others, and the fused path's blocks are channels-last)
     if lay.up is not None:
         reqs.append(dist.isend(block[:, :, :h].contiguous(), lay.up, group=group, tag=1))
-        top = torch.empty_like(block[:, :, :h])
+        top = torch.empty_like(block[:, :, :h], memory_format=torch.contiguous_format)
         reqs.append(dist.irecv(top, lay.up, group=group, tag=2))
     if lay.down is not None:
         reqs.append(dist.isend(block[:, :, -h:].contiguous(), lay.down, group=group, tag=2))
-        bot = torch.empty_like(block[:, :, -h:])
+        bot = torch.empty_like(block[:, :, -h:], memory_format=torch.contiguous_format)
         reqs.append(dist.irecv(bot, lay.down, group=group, tag=1))
     return reqs, top, bot
 

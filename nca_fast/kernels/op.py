@@ -16,7 +16,7 @@ import torch
 
 from .. import reference, rng
 from ..spec import NCASpec
-from .config import step_config
+from .config import INT32_MAX, step_config
 from .launch import counter_tensor, launch_finalize, launch_perceive_vjp, launch_step, launch_step_backward
 from .pack import dot_dtype
 
@@ -81,11 +81,31 @@ def fused_step_backward_op(x: torch.Tensor, life: torch.Tensor, g: torch.Tensor,
         return gx, gw1.to(dtypes[0]), gwb.to(dtypes[1]), gw2.to(dtypes[2]), gb2
     xc = x.contiguous(memory_format=torch.channels_last)
     gc = g.contiguous(memory_format=torch.channels_last)
-    gy, gp, (gw1, gwb, gw2, gb2) = launch_step_backward(cfg, spec, (w1, wb, w2, b2, fscale), xc,
-                                                        life if cfg.ALIVE else None, gc, ctr, origin=(row0, col0),
-                                                        fire_rate=fire_rate, update_mask=update_mask)
-    gx = _like(x, launch_perceive_vjp(cfg, gp, gy, fscale))
+    B, _, H, W = x.shape
+    check_backward_size(cfg, H, W)
+    per_image = H * W * cfg.F * cfg.CP  # the widest per-cell buffer (g_p), indexed in 32 bits
+    gxs, sums = [], None
+    step_b = max(1, INT32_MAX // per_image)  # images per launch (one launch unless the batch is huge)
+    for b0 in range(0, B, step_b):
+        b1 = min(B, b0 + step_b)
+        gy, gp, grads = launch_step_backward(
+            cfg, spec, (w1, wb, w2, b2, fscale), xc[b0:b1], life[b0:b1] if cfg.ALIVE else None, gc[b0:b1], ctr,
+            origin=(row0, col0), batch_offset=b0, fire_rate=fire_rate,
+            update_mask=update_mask[b0:b1] if update_mask is not None else None)
+        gxs.append(launch_perceive_vjp(cfg, gp, gy, fscale))
+        sums = grads if sums is None else tuple(a + b for a, b in zip(sums, grads))
+    gw1, gwb, gw2, gb2 = sums
+    gx = _like(x, gxs[0] if len(gxs) == 1 else torch.cat(gxs).contiguous(memory_format=torch.channels_last))
     return gx, gw1.to(dtypes[0]), gwb.to(dtypes[1]), gw2.to(dtypes[2]), gb2
+
+
+def check_backward_size(cfg, H: int, W: int) -> None:
+    """Refuse an image whose perception gradients the fused backward cannot index in 32 bits (a batch
+    beyond it runs in slices of whole images)."""
+    per_image = H * W * cfg.F * cfg.CP
+    if per_image > INT32_MAX:
+        raise ValueError(f"the fused backward indexes {cfg.F}x{cfg.CP} perception gradients per cell in 32 bits: "
+                         f"a {H}x{W} image needs {per_image} > 2**31 - 1 (train on smaller grids or sharded)")
 
 
 @fused_step_backward_op.register_fake
