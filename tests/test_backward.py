@@ -101,12 +101,17 @@ def test_16bit_states(dtype, rel):
         assert float((gpt[n] - gpr[n]).norm() / gpr[n].norm()) < rel, n
 
 
-def test_gradients_are_bit_identical_run_to_run():
+def _growing_case(seed: int, B: int, H: int, W: int):
+    """(model, x, gout): the growing model with random weights, a state and an incoming gradient."""
     spec = nf.growing_spec()
-    g = torch.Generator().manual_seed(6)
-    model = nf.NCA(spec, init_seed=6).to(DEVICE)
-    x = _state(spec, g, B=2, H=11, W=13)
-    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    model = nf.NCA(spec, init_seed=seed).to(DEVICE)
+    x = _state(spec, g, B=B, H=H, W=W)
+    return model, x, torch.randn(x.shape, generator=g).to(DEVICE)
+
+
+def test_gradients_are_bit_identical_run_to_run():
+    model, x, gout = _growing_case(6, B=2, H=11, W=13)
     a = _grads(model, x, gout, "triton", seed=1)
     b = _grads(model, x, gout, "triton", seed=1)
     assert torch.equal(a[1], b[1]) and all(torch.equal(a[2][n], b[2][n]) for n in a[2])
@@ -142,11 +147,7 @@ def test_batches_beyond_32_bit_indexing_run_in_slices(monkeypatch):
     """A batch whose perception gradients exceed 32-bit indexing runs in slices of whole images (the
     masks keyed on each image's global batch index), with the gradients of one launch; an image that
     alone exceeds it is refused with the reason."""
-    spec = nf.growing_spec()
-    g = torch.Generator().manual_seed(9)
-    model = nf.NCA(spec, init_seed=9).to(DEVICE)
-    x = _state(spec, g, B=3, H=5, W=6)
-    gout = torch.randn(x.shape, generator=g).to(DEVICE)
+    model, x, gout = _growing_case(9, B=3, H=5, W=6)
     whole = _grads(model, x, gout, "triton", seed=4)
     monkeypatch.setattr(kop, "INT32_MAX", 2 * 5 * 6 * 3 * 16)  # two images a launch: [0, 2), [2, 3)
     sliced = _grads(model, x, gout, "triton", seed=4)
