@@ -19,18 +19,18 @@ state gradient); each writes its chunk's share of ``g_p`` into its own slab ([NC
 ``perceive_vjp_kernel`` below adds the slabs and turns them into the rest of the state gradient, as
 ``nca_fast.reference.perceive_vjp`` does) and its slice of its stream's row of partial sums,
 which ``reduce_partials_kernel`` adds in a fixed order: no floating-point atomics, so gradients are
-bit-reproducible.
-Models with update or state clamps need the whole update for their masks: an update pass (PASS 1, one
-program per stream) recomputes the MLP once and writes ``g_dx``; the MLP pass (PASS 2) reads it, so no
-chunk's program recomputes the whole MLP. Models without (PASS 0) run in one launch.
+bit-reproducible. Models with update or state clamps need the whole update for their masks: an update
+pass (PASS 1, one program per stream) recomputes the MLP once and writes ``g_dx``; the MLP pass
+(PASS 2) reads it, so no chunk's program recomputes the whole MLP. Models without (PASS 0) run in one
+launch.
 
 Per cell-update (growing model, C=16, F=3, hidden 128, two chunks): reads the state's 3x3
 neighbourhood (C values from DRAM, the rest from cache) and the incoming gradient (C values), writes
 C + 2*F*CP fp32 values (448 B; the transposed perception then reads the slabs and gy, 448 B, and
-writes gx, 64 B); about 49 kFLOP
-on tensor cores: layer 1 (12.3 kFLOP; twice with update or state clamps), layer 2's backward for g_h
-and gW2 (8.2k), layer 1's for g_p and gW1 (24.6k), the bias rows. Gradient dots run in TF32 (fp32
-operands) whatever the state's dtype: a 16-bit gradient would underflow.
+writes gx, 64 B); about 49 kFLOP on tensor cores: layer 1 (12.3 kFLOP; twice with update or state
+clamps), layer 2's backward for g_h and gW2 (8.2k), layer 1's for g_p and gW1 (24.6k), the bias rows.
+Gradient dots run in TF32 (fp32 operands) whatever the state's dtype: a 16-bit gradient would
+underflow.
 """
 from __future__ import annotations
 
