@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import nca_fast as nf
 from nca_fast.distributed import Layout, block_of, load_rows, row_blocks, sharded_rollout, steps_per_exchange
+from nca_fast.distributed import rollout as rollout_module
 from nca_fast.distributed.__main__ import main as distributed_main
 from nca_fast.distributed.blocks import max_steps_per_exchange
 
@@ -42,9 +43,12 @@ def _state(spec, B, H, W):
     return x
 
 
-def _rollout_worker(rank, world, tmp, name, H, W, steps, backend, k):
+def _rollout_worker(rank, world, tmp, name, H, W, steps, backend, k, untagged=False):
     try:
         _init(rank, world, tmp)
+        if untagged:  # NCCL's matching: a pair of ranks' messages by order, tags ignored
+            real = dist.P2POp
+            rollout_module.dist.P2POp = lambda op, t, peer, group=None, tag=0: real(op, t, peer, group=group)
         spec = MODELS[name]
         model = nf.NCA(spec, init_seed=5).requires_grad_(False)
         lay = Layout.make(H, W, rank, world, spec.padding == "circular")
@@ -97,6 +101,19 @@ def test_sharded_fused_rollout_matches_the_single_device_one(tmp_path, name):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         r0, r1 = got["rows"].tolist()
         torch.testing.assert_close(got["block"], want[:, :, r0:r1], atol=1e-5, rtol=1e-5)
+
+
+def test_two_circular_ranks_pair_their_halos_by_order_not_tag(tmp_path):
+    """2 ranks with circular padding are each other's up and down neighbour; NCCL ignores tags, so the
+    halos must pair by the order of the batch: with every tag dropped the result is still bit for bit."""
+    name, world, H, W, steps = "growing-circular", 2, 12, 10, 5
+    model = nf.NCA(MODELS[name], init_seed=5).requires_grad_(False)
+    want = model.rollout(_state(MODELS[name], 2, H, W), steps, seed=7, start_step=3, backend="cpu")
+    mp.spawn(_rollout_worker, args=(world, str(tmp_path), name, H, W, steps, "cpu", 2, True), nprocs=world)
+    for r in range(world):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        r0, r1 = got["rows"].tolist()
+        assert torch.equal(got["block"], want[:, :, r0:r1]), r
 
 
 def _cli_worker(rank, world, tmp, argv):

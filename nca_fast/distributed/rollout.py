@@ -66,21 +66,28 @@ def _advance(model: NCA, strip: torch.Tensor, segments, steps: int, seed: int, s
 
 
 def _exchange(block: torch.Tensor, lay: Layout, h: int, group) -> Tuple[list, Optional[torch.Tensor],
-                                                                          Optional[torch.Tensor]]:
-    """Post the sends of this block's edge rows and the receives of the halos; returns (requests, top
-    halo buffer, bottom halo buffer). Tags say which edge a message is, so that two ranks that are
-    each other's up and down neighbour (2 ranks, circular) do not mix their messages up."""
-    reqs, top, bot = [], None, None
-    # (contiguous buffers: gloo and NCCL take no others, and the fused path's blocks are channels-last)
-    if lay.up is not None:
-        reqs.append(dist.isend(block[:, :, :h].contiguous(), lay.up, group=group, tag=1))
-        top = torch.empty_like(block[:, :, :h], memory_format=torch.contiguous_format)
-        reqs.append(dist.irecv(top, lay.up, group=group, tag=2))
+                                                                          Optional[torch.Tensor], list]:
+    """Post the sends of this block's edge rows and the receives of the halos as one batch of
+    point-to-point operations; returns (requests, top halo buffer, bottom halo buffer, the send
+    buffers, to keep until the requests complete). One batch: NCCL runs a batch's sends and receives
+    together, where ops issued one by one on two ranks that both send first would wait on each other.
+    NCCL pairs two ranks' messages by order, not by tag, so the bottom edge is sent before the top
+    edge and the top halo received before the bottom one: two ranks that are each other's up and down
+    neighbour (2 ranks, circular) then pair them right (gloo checks the tags as well). Buffers are
+    contiguous: gloo and NCCL take no others, and the fused path's blocks are channels-last."""
+    sends, recvs, top, bot = [], [], None, None
     if lay.down is not None:
-        reqs.append(dist.isend(block[:, :, -h:].contiguous(), lay.down, group=group, tag=2))
+        sends.append((block[:, :, -h:].contiguous(), lay.down, 2))
+    if lay.up is not None:
+        sends.append((block[:, :, :h].contiguous(), lay.up, 1))
+        top = torch.empty_like(block[:, :, :h], memory_format=torch.contiguous_format)
+        recvs.append((top, lay.up, 2))
+    if lay.down is not None:
         bot = torch.empty_like(block[:, :, -h:], memory_format=torch.contiguous_format)
-        reqs.append(dist.irecv(bot, lay.down, group=group, tag=1))
-    return reqs, top, bot
+        recvs.append((bot, lay.down, 1))
+    ops = [dist.P2POp(dist.isend, t, peer, group=group, tag=tag) for t, peer, tag in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, group=group, tag=tag) for t, peer, tag in recvs]
+    return dist.batch_isend_irecv(ops), top, bot, [t for t, _, _ in sends]
 
 
 def sharded_rollout(model: NCA, block: torch.Tensor, lay: Layout, steps: int, *, seed: int = 0,
@@ -108,14 +115,15 @@ def sharded_rollout(model: NCA, block: torch.Tensor, lay: Layout, steps: int, *,
                 block = _advance(model, block, [(lay.r0, n)], kk, seed, t, backend)
                 done += kk
                 continue
-            reqs, top, bot = _exchange(block, lay, h, group)
+            reqs, top, bot, outgoing = _exchange(block, lay, h, group)
             rounds += 1
-            sent += sum(1 for _ in reqs) // 2 * h
+            sent += len(outgoing) * h
             # The interior, while the halos travel: rows at least h from an edge that has a neighbour.
             lo, hi = (h if lay.up is not None else 0), (n - h if lay.down is not None else n)
             inner = _advance(model, block, [(lay.r0, n)], kk, seed, t, backend)[:, :, lo:hi]
             for r in reqs:
                 r.wait()
+            del outgoing
             parts = []
             if top is not None:  # halo (h) + the block's first 2h rows; rows [h, 2h) come out right
                 strip = torch.cat([top, block[:, :, :2 * h]], dim=2)
