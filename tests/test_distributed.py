@@ -153,6 +153,7 @@ def _dying_worker(rank, world, tmp):
     spec = MODELS["growing-zeros"]
     model = nf.NCA(spec, init_seed=5).requires_grad_(False)
     lay = Layout.make(20, 8, rank, world, False)
+    dist.barrier()  # (both connected: gloo's mesh set-up would fail on a peer dying during it instead)
     if rank == 1:
         os._exit(3)  # dies before its first exchange
     t = time.perf_counter()

@@ -69,8 +69,9 @@ def _exchange(block: torch.Tensor, lay: Layout, h: int, group) -> Tuple[list, Op
                                                                           Optional[torch.Tensor], list]:
     """Post the sends of this block's edge rows and the receives of the halos as one batch of
     point-to-point operations; returns (requests, top halo buffer, bottom halo buffer, the send
-    buffers, to keep until the requests complete). One batch: NCCL runs a batch's sends and receives
-    together, where ops issued one by one on two ranks that both send first would wait on each other.
+    buffers, to keep until the requests complete). One batch on NCCL, which runs a batch's sends and
+    receives together, where ops issued one by one on two ranks that both send first would wait on
+    each other; gloo posts them one by one.
     NCCL pairs two ranks' messages by order, not by tag, so the bottom edge is sent before the top
     edge and the top halo received before the bottom one: two ranks that are each other's up and down
     neighbour (2 ranks, circular) then pair them right (gloo checks the tags as well). Buffers are
@@ -87,7 +88,11 @@ def _exchange(block: torch.Tensor, lay: Layout, h: int, group) -> Tuple[list, Op
         recvs.append((bot, lay.down, 1))
     ops = [dist.P2POp(dist.isend, t, peer, group=group, tag=tag) for t, peer, tag in sends]
     ops += [dist.P2POp(dist.irecv, t, peer, group=group, tag=tag) for t, peer, tag in recvs]
-    return dist.batch_isend_irecv(ops), top, bot, [t for t, _, _ in sends]
+    if dist.get_backend(group) == "nccl":
+        works = dist.batch_isend_irecv(ops)
+    else:  # (gloo: one by one, in the same order; a dead peer's error then reaches wait(), tested)
+        works = [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
+    return works, top, bot, [t for t, _, _ in sends]
 
 
 def sharded_rollout(model: NCA, block: torch.Tensor, lay: Layout, steps: int, *, seed: int = 0,
