@@ -3,9 +3,9 @@
 
 Forward: ``(x, packed weights, counters, mask) -> (y, life)``; ``life`` is each cell's alive decision
 (u8 ``[B, H, W]``; empty without alive masks), the one thing the backward needs beyond the input state.
-Backward (``nca_fast::fused_step_backward``): the fused backward kernel (``step_backward.py``) and the
-transposed perception, or, for models wider than that kernel takes, the reference step's
-vector-Jacobian product on the same masks.
+Backward (``nca_fast::fused_step_backward``): the fused backward's kernels (``step_backward.py``: the
+step's backward, the weight-gradient reduction, the transposed perception), or, for models wider than
+they take, the reference step's vector-Jacobian product on the same masks.
 """
 from __future__ import annotations
 
@@ -82,8 +82,7 @@ def fused_step_backward_op(x: torch.Tensor, life: torch.Tensor, g: torch.Tensor,
     xc = x.contiguous(memory_format=torch.channels_last)
     gc = g.contiguous(memory_format=torch.channels_last)
     B, _, H, W = x.shape
-    check_backward_size(cfg, H, W)
-    per_image = H * W * cfg.F * cfg.CP  # the widest per-cell buffer (g_p), indexed in 32 bits
+    per_image = check_backward_size(cfg, H, W)
     gxs, sums = [], None
     step_b = max(1, INT32_MAX // per_image)  # images per launch (one launch unless the batch is huge)
     for b0 in range(0, B, step_b):
@@ -99,13 +98,15 @@ def fused_step_backward_op(x: torch.Tensor, life: torch.Tensor, g: torch.Tensor,
     return gx, gw1.to(dtypes[0]), gwb.to(dtypes[1]), gw2.to(dtypes[2]), gb2
 
 
-def check_backward_size(cfg, H: int, W: int) -> None:
-    """Refuse an image whose perception gradients the fused backward cannot index in 32 bits (a batch
-    beyond it runs in slices of whole images)."""
+def check_backward_size(cfg, H: int, W: int) -> int:
+    """Refuse an image whose perception gradients (the widest per-cell buffer of the fused backward)
+    cannot be indexed in 32 bits; returns their count per image (a batch beyond 32 bits runs in slices
+    of whole images)."""
     per_image = H * W * cfg.F * cfg.CP
     if per_image > INT32_MAX:
         raise ValueError(f"the fused backward indexes {cfg.F}x{cfg.CP} perception gradients per cell in 32 bits: "
                          f"a {H}x{W} image needs {per_image} > 2**31 - 1 (train on smaller grids or sharded)")
+    return per_image
 
 
 @fused_step_backward_op.register_fake
