@@ -15,6 +15,7 @@ from .kernels import config as kconfig
 from .kernels import op as kop
 from .kernels.pack import PackedHead, cached, pack_pixel_shuffle, pack_step
 from .kernels.rollout import FusedRollout, fused_stream
+from .kernels.rollout_grad import fused_rollout_grad
 from .precision import check_fp32_precision, state_precision
 from .spec import NCASpec
 from .utils.checks import available_bytes, check_int, check_memory, check_state, register_weights
@@ -236,7 +237,8 @@ class NCA(nn.Module):
         step stacked as ``[steps // k, B, C, H, W]``. For long renders use :meth:`frames`.
 
         Differentiable when autograd records it (grad enabled, ``x`` or a weight requiring grad), on
-        the fused path (CUDA) and the reference. The fused step saves only its input state (its
+        the fused path (CUDA) and the reference. The fused path runs the rollout as one autograd node
+        (``kernels/rollout_grad.py``) that saves only each step's input state and alive bytes (its
         backward recomputes perception and hidden). With ``checkpoint_every=k`` steps run in segments
         of k whose inner states are recomputed in the backward, so memory grows with the number of
         segments plus one segment's states. The default (None) keeps the whole graph when it takes
@@ -269,14 +271,20 @@ class NCA(nn.Module):
         if start_step + steps > 2**32:
             raise ValueError(f"step counters start_step + steps = {start_step + steps} exceed 2**32")
         backend = self._choose(backend, x, needs_grad=True)
-        if backend == "triton":  # (before any step runs, not in the backward)
-            kop.check_backward_size(kconfig.step_config(self.spec, self.precision(x.dtype)), x.shape[2], x.shape[3])
+        cfg = kconfig.step_config(self.spec, self.precision(x.dtype)) if backend == "triton" else None
+        if cfg is not None:  # (before any step runs, not in the backward)
+            kop.check_backward_size(cfg, x.shape[2], x.shape[3])
         if checkpoint_every is not None:
             seg = check_int("checkpoint_every", checkpoint_every, 1)
         else:
             seg = steps if self._graph_fits(x, steps, backend) else max(1, math.isqrt(max(steps, 1)))
         self._check_finite(x, "the input state")
         packed = self.packed_weights(x.dtype, grad=True) if backend == "triton" else None
+        if cfg is not None and steps > 0 and not cfg.backward_problem():  # the whole rollout, one autograd node
+            out, kept = fused_rollout_grad(self.spec, cfg, self.precision(x.dtype), packed, x, steps, seed=seed,
+                                           start_step=start_step, origin=origin, every=every, seg=seg)
+            self._check_finite(out, f"the state after step {start_step + steps - 1}")
+            return out if every is None else kept
         fire_rate = self.spec.fire_rate
 
         def segment(k0: int, n: int, state: torch.Tensor, *_weights):

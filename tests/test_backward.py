@@ -27,7 +27,7 @@ def _state(spec, g, B=2, H=7, W=9):
 def _grads(model, x, gout, backend, dtype=torch.float32, **kw):
     """(y, dL/dx, {name: dL/dparam}) for L = sum(y * gout)."""
     model.zero_grad()
-    xx = x.to(dtype).requires_grad_(True)
+    xx = x.to(dtype, copy=True).requires_grad_(True)  # (a fresh leaf: x.grad would accumulate in place)
     y = model.step(xx, backend=backend, **kw)
     (y.float() * gout).sum().backward()
     return y.detach().float(), xx.grad.float(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -233,6 +233,67 @@ def test_checkpointed_rollout_equals_the_full_one(backend):
         _close(full[1], ref[1], 1e-4)
         for n in ref[2]:
             _close(full[2][n], ref[2][n], 1e-4)
+
+
+def _rollout_grads(model, x, w, backend, dtype=torch.float32, per_step=False):
+    """(states after steps 2, 4, 6; dL/dx; {name: dL/dparam}) of L = sum(states * w), from
+    ``model.rollout(every=2)`` or from ``model.step`` six times."""
+    model.zero_grad()
+    xx = x.to(dtype, copy=True).requires_grad_(True)  # (a fresh leaf: x.grad would accumulate in place)
+    if per_step:
+        y, kept = xx, []
+        for k in range(6):
+            y = model.step(y, seed=3, step=k, backend=backend)
+            kept += [y] if k % 2 else []
+        frames = torch.stack(kept)
+    else:
+        frames = model.rollout(xx, 6, seed=3, every=2, backend=backend)
+    (frames.float() * w).sum().backward()
+    return frames.detach().float(), xx.grad.float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["growing-circular-alive-replicate", "growing-replicate-clamps", "texture"])
+def test_fused_rollout_is_one_node_matching_the_reference(name, monkeypatch):
+    """A differentiable fused rollout is one autograd node whose gradients (kept states in the loss,
+    buffers NaN-poisoned) match the reference's autograd and the fused op stepped six times."""
+    from nca_fast.kernels import launch
+    spec = CASES[name]
+    g = torch.Generator().manual_seed(11)
+    model = nf.NCA(spec, init_seed=11).to(DEVICE)
+    model.fp32_matmul = "ieee"
+    x = _state(spec, g, B=2, H=7, W=9)
+    w = torch.randn((3,) + tuple(x.shape), generator=g).to(DEVICE)
+    ref = _rollout_grads(model, x, w, "reference")
+    op = _rollout_grads(model, x, w, "triton", per_step=True)
+    real_empty = torch.empty
+    monkeypatch.setattr(launch.torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan"))
+                                                                if t.is_floating_point() else t)(real_empty(*a, **k)))
+    fused = _rollout_grads(model, x, w, "triton")
+    xx = x.clone().requires_grad_(True)
+    node = model.rollout(xx, 6, seed=3, every=2, backend="triton").grad_fn
+    assert type(node).__name__ == "_FusedRolloutFnBackward" and node.next_functions[0][0].variable is xx
+    for got in (fused, op):
+        _close(got[0], ref[0], 1e-5)
+        _close(got[1], ref[1], 1e-4)
+        for n in ref[2]:
+            _close(got[2][n], ref[2][n], 1e-4)
+    assert float(ref[1].abs().sum()) > 0 and all(float(v.abs().sum()) > 0 for v in ref[2].values())
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+def test_16bit_fused_rollout(dtype, rel):
+    """A 16-bit fused rollout (gradients kept in fp32 between its steps) against the reference's fp32
+    autograd from the same rounded state, by norm (ReLUs within rounding of zero flip)."""
+    spec = nf.texture_spec()
+    g = torch.Generator().manual_seed(12)
+    model = nf.NCA(spec, init_seed=12).to(DEVICE)
+    x = _state(spec, g).to(dtype).float()
+    w = torch.randn((3,) + tuple(x.shape), generator=g).to(DEVICE)
+    _, gxt, gpt = _rollout_grads(model, x, w, "triton", dtype=dtype)
+    _, gxr, gpr = _rollout_grads(model, x, w, "reference")
+    assert float((gxt - gxr).norm() / gxr.norm()) < rel / 5
+    for n in gpr:
+        assert float((gpt[n] - gpr[n]).norm() / gpr[n].norm()) < rel, n
 
 
 def test_rollout_every_keeps_the_graph():

@@ -194,7 +194,8 @@ def _backward(name, model, spec, precision, has_mask=False) -> List[KernelConfig
     cfg = step_config(spec, precision)
     sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "life", "fire_mask", "ctr", "gout", "w1", "wb", "w2", "b2",
                                                    "fscale"))
-    sig.update({n: "*fp32" for n in ("w1", "wb", "w2", "gx", "gp", "part", "gd")})  # (the backward's weights: fp32)
+    # the backward's weights and gradients, the incoming one included, are fp32 whatever the state's dtype
+    sig.update({n: "*fp32" for n in ("gout", "w1", "wb", "w2", "gx", "gp", "part", "gd")})
     sig.update({n: "i32" for n in _BACKWARD_I32})
     sig.update({n: "fp32" for n in _BACKWARD_F32})
     configs = []

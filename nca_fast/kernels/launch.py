@@ -6,7 +6,7 @@ and the decode dispatch (``nca_fast.decoders.decode``) own the buffers.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -119,45 +119,75 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
             **cfg.constexprs(pending, update_mask is not None, interior), **head_ce)
 
 
-def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, ctr, *, origin=(0, 0),
-                         batch_offset: int = 0, fire_rate: float, update_mask: Optional[torch.Tensor] = None):
-    """The backward of one (non-pending) step ``x -> y`` given ``g = dL/dy`` (both channels-last) and,
-    for alive models, ``life`` (u8 ``[B, H, W]``, from ``launch_finalize``). Returns (``gy`` fp32
-    ``[B, C, H, W]`` channels-last: the state gradient's residual path; ``gp`` fp32
-    ``[NCH, B, H, W, F*CP]``: the perception gradients, a slab per hidden chunk to be added (padding
-    channels unwritten); (gW1, gW1's bias rows, gW2, gb2): the weight gradients in the packed
-    weights' layouts, fp32, summed over the tile streams' partial sums in a fixed order)."""
-    _check_channels_last(x, g)
+class BackwardBuffers(NamedTuple):
+    """The fused backward's scratch for batches of up to ``batch`` images of one size: ``gp`` (the
+    perception gradients, a slab per hidden chunk), ``part`` (the tile streams' weight-gradient
+    partial sums, zeroed: launches add into it), ``gd`` (dL/d(update) between the update and MLP
+    passes, or None) and the number of tile streams."""
+    batch: int
+    gp: torch.Tensor
+    part: torch.Tensor
+    gd: Optional[torch.Tensor]
+    streams: int
+
+
+def backward_buffers(cfg: StepConfig, shape, device) -> BackwardBuffers:
+    """Scratch for ``launch_step_backward`` on states of ``shape`` ``[B, C, H, W]`` (or fewer images)."""
+    B, _, H, W = shape
+    n = B * H * W
+    n_tiles = -(-n // BACKWARD_BW)
+    n_chunks = -(-cfg.HP // cfg.backward_chunk())  # programs per tile stream in the MLP pass
+    # one wave: the backward keeps 2 CTAs an SM resident (nca-fast kernels), grid_programs plans 4
+    streams = max(1, min(n_tiles, grid_programs(n_tiles, device) // 2 // n_chunks))
+    F, CP, HP = cfg.F, cfg.CP, cfg.HP
+    gp = torch.empty(n_chunks * n * F * CP, dtype=torch.float32, device=device)
+    part = torch.zeros(streams, F * CP * HP + HP * CP + HP + CP, dtype=torch.float32, device=device)
+    gd = torch.empty(n, CP, dtype=torch.float32, device=device) if 1 in cfg.backward_passes() else None
+    return BackwardBuffers(B, gp, part, gd, streams)
+
+
+def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, gy, bufs: BackwardBuffers, ctr, *,
+                         step_offset: int = 0, origin=(0, 0), batch_offset: int = 0, fire_rate: float,
+                         update_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The backward of one (non-pending) step ``x -> y`` given ``g = dL/dy`` (fp32; both channels-last)
+    and, for alive models, ``life`` (u8 ``[B, H, W]``, from ``launch_finalize``): writes ``gy`` (fp32
+    channels-last like ``x``: the state gradient's residual path; may not be ``g``), adds the weight
+    gradients' partial sums into ``bufs.part`` and returns the perception gradients
+    ``[NCH, B, H, W, F*CP]`` (in ``bufs.gp``; padding channels unwritten) for ``launch_perceive_vjp``.
+    ``packed``: fp32 weights."""
+    _check_channels_last(x, g, gy)
     B, _, H, W = x.shape
+    if B > bufs.batch or g.dtype != torch.float32 or gy.dtype != torch.float32 or g.data_ptr() == gy.data_ptr():
+        raise ValueError("launch_step_backward: scratch for fewer images, a 16-bit gradient, or gy in place of g")
     n = B * H * W
     w1, wb, w2, b2, fscale = packed
-    gy = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
-    bw, hc = BACKWARD_BW, cfg.backward_chunk()
-    n_tiles = -(-n // bw)
-    n_chunks = -(-cfg.HP // hc)  # programs per tile stream in the MLP pass: one per hidden chunk
-    # one wave: the backward keeps 2 CTAs an SM resident (nca-fast kernels), grid_programs plans 4
-    streams = max(1, min(n_tiles, grid_programs(n_tiles, x.device) // 2 // n_chunks))
-    gp = torch.empty(n_chunks, B, H, W, cfg.F * cfg.CP, dtype=torch.float32, device=x.device)
-    part = torch.empty(streams, cfg.F * cfg.CP * cfg.HP + cfg.HP * cfg.CP + cfg.HP + cfg.CP, dtype=torch.float32,
-                       device=x.device)
-    passes = cfg.backward_passes()
-    gd = torch.empty(n, cfg.CP, dtype=torch.float32, device=x.device) if 1 in passes else ctr
+    n_tiles = -(-n // BACKWARD_BW)
+    n_chunks = -(-cfg.HP // cfg.backward_chunk())
+    streams = min(bufs.streams, n_tiles)
+    gp = bufs.gp[:n_chunks * n * cfg.F * cfg.CP].view(n_chunks, B, H, W, cfg.F * cfg.CP)
     mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else ctr
-    for pass_ in passes:  # (one stream's part row gets gb2 from pass 1 and the rest from pass 2)
+    for pass_ in cfg.backward_passes():  # (one stream's part row gets gb2 from pass 1 and the rest from pass 2)
         nca_step_backward_kernel[(streams * (1 if pass_ == 1 else n_chunks),)](
-            x, life if life is not None else ctr, mask, ctr, g, w1, wb, w2, b2, fscale, gy, gp, part, gd,
-            H, W, n, -(-n_tiles // streams), 0, i32(origin[0]), i32(origin[1]), i32(batch_offset),
+            x, life if life is not None else ctr, mask, ctr, g, w1, wb, w2, b2, fscale, gy, gp, bufs.part,
+            bufs.gd if bufs.gd is not None else ctr,
+            H, W, n, -(-n_tiles // streams), step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset),
             rng.fire_threshold(fire_rate), float(spec.step_size), *_clamp_args(spec),
             num_warps=BACKWARD_WARPS, num_stages=1, **cfg.backward_constexprs(update_mask is not None, pass_))
+    return gp
+
+
+def launch_reduce_partials(cfg: StepConfig, part: torch.Tensor):
+    """The weight gradients (gW1, gW1's bias rows, gW2, gb2) in the packed weights' layouts, fp32:
+    the rows of ``part`` added in a fixed order."""
     F, CP, HP = cfg.F, cfg.CP, cfg.HP
     split = (2,) if cfg.SPLIT else ()
-    grads = tuple(torch.empty(split + shape, dtype=torch.float32, device=x.device)
+    grads = tuple(torch.empty(split + shape, dtype=torch.float32, device=part.device)
                   for shape in ((F, CP, HP), (16, HP), (HP, CP))) + (torch.empty(CP, dtype=torch.float32,
-                                                                                device=x.device),)
+                                                                                device=part.device),)
     npart = part.shape[1]
-    reduce_partials_kernel[(-(-npart // REDUCE_BLOCK),)](part, *grads, streams, F=F, CP=CP, HP=HP, SPLIT=cfg.SPLIT,
-                                                        BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=1)
-    return gy, gp, grads
+    reduce_partials_kernel[(-(-npart // REDUCE_BLOCK),)](part, *grads, part.shape[0], F=F, CP=CP, HP=HP,
+                                                        SPLIT=cfg.SPLIT, BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=1)
+    return grads
 
 
 def launch_perceive_vjp(cfg: StepConfig, gp: torch.Tensor, gy: torch.Tensor, fscale: torch.Tensor) -> torch.Tensor:

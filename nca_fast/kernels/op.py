@@ -17,7 +17,15 @@ import torch
 from .. import reference, rng
 from ..spec import NCASpec
 from .config import INT32_MAX, step_config
-from .launch import counter_tensor, launch_finalize, launch_perceive_vjp, launch_step, launch_step_backward
+from .launch import (
+    backward_buffers,
+    counter_tensor,
+    launch_finalize,
+    launch_perceive_vjp,
+    launch_reduce_partials,
+    launch_step,
+    launch_step_backward,
+)
 from .pack import dot_dtype
 
 
@@ -80,22 +88,20 @@ def fused_step_backward_op(x: torch.Tensor, life: torch.Tensor, g: torch.Tensor,
                                                      (row0, col0), cfg.SPLIT)
         return gx, gw1.to(dtypes[0]), gwb.to(dtypes[1]), gw2.to(dtypes[2]), gb2
     xc = x.contiguous(memory_format=torch.channels_last)
-    gc = g.contiguous(memory_format=torch.channels_last)
+    gc = g.to(dtype=torch.float32, memory_format=torch.channels_last)  # (the kernels take fp32 gradients)
     B, _, H, W = x.shape
-    per_image = check_backward_size(cfg, H, W)
-    gxs, sums = [], None
-    step_b = max(1, INT32_MAX // per_image)  # images per launch (one launch unless the batch is huge)
+    step_b = max(1, INT32_MAX // check_backward_size(cfg, H, W))  # images per launch (one unless huge)
+    bufs = backward_buffers(cfg, (min(B, step_b),) + tuple(x.shape[1:]), x.device)
+    gx = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
     for b0 in range(0, B, step_b):
         b1 = min(B, b0 + step_b)
-        gy, gp, grads = launch_step_backward(
-            cfg, spec, (w1, wb, w2, b2, fscale), xc[b0:b1], life[b0:b1] if cfg.ALIVE else None, gc[b0:b1], ctr,
-            origin=(row0, col0), batch_offset=b0, fire_rate=fire_rate,
-            update_mask=update_mask[b0:b1] if update_mask is not None else None)
-        gxs.append(launch_perceive_vjp(cfg, gp, gy, fscale))
-        sums = grads if sums is None else tuple(a + b for a, b in zip(sums, grads))
-    gw1, gwb, gw2, gb2 = sums
-    gx = _like(x, gxs[0] if len(gxs) == 1 else torch.cat(gxs).contiguous(memory_format=torch.channels_last))
-    return gx, gw1.to(dtypes[0]), gwb.to(dtypes[1]), gw2.to(dtypes[2]), gb2
+        gp = launch_step_backward(cfg, spec, (w1, wb, w2, b2, fscale), xc[b0:b1], life[b0:b1] if cfg.ALIVE else None,
+                                  gc[b0:b1], gx[b0:b1], bufs, ctr, origin=(row0, col0), batch_offset=b0,
+                                  fire_rate=fire_rate, update_mask=update_mask[b0:b1] if update_mask is not None
+                                  else None)
+        launch_perceive_vjp(cfg, gp, gx[b0:b1], fscale)
+    gw1, gwb, gw2, gb2 = launch_reduce_partials(cfg, bufs.part)
+    return _like(x, gx), gw1.to(dtypes[0]), gwb.to(dtypes[1]), gw2.to(dtypes[2]), gb2
 
 
 def check_backward_size(cfg, H: int, W: int) -> int:

@@ -13,16 +13,16 @@ pre-activations), then runs the chain rule per cell:
 
 The grid: a program per (tile stream, hidden chunk of HC units). Each program recomputes its tiles'
 perception, only its chunk of layer 1, and holds only its chunk's weight-gradient sums (32 registers a
-thread at HC = 64; all of them in one program took 64 and spilled): the hidden dimension is the
-parallel one, as in a GEMM's N. The chunk-0 program of a stream writes ``gy`` (the residual path's
-state gradient); each writes its chunk's share of ``g_p`` into its own slab ([NCH, B, H, W, F*CP]:
+thread at HC = 64; all of them in one program took 64 and spilled): the hidden dimension is the parallel
+one, as in a GEMM's N. The chunk-0 program of a stream writes ``gy`` (the residual path's state
+gradient); each writes its chunk's share of ``g_p`` into its own slab ([NCH, B, H, W, F*CP]:
 ``perceive_vjp_kernel`` below adds the slabs and turns them into the rest of the state gradient, as
-``nca_fast.reference.perceive_vjp`` does) and its slice of its stream's row of partial sums,
-which ``reduce_partials_kernel`` adds in a fixed order: no floating-point atomics, so gradients are
-bit-reproducible. Models with update or state clamps need the whole update for their masks: an update
-pass (PASS 1, one program per stream) recomputes the MLP once and writes ``g_dx``; the MLP pass
-(PASS 2) reads it, so no chunk's program recomputes the whole MLP. Models without (PASS 0) run in one
-launch.
+``nca_fast.reference.perceive_vjp`` does) and adds its slice of its stream's row of partial sums (zeroed
+once a backward, so that the steps of a rollout accumulate in place), which ``reduce_partials_kernel``
+adds once, in a fixed order: no floating-point atomics, so gradients are bit-reproducible. Models with
+update or state clamps need the whole update for their masks: an update pass (PASS 1, one program per
+stream) recomputes the MLP once and writes ``g_dx``; the MLP pass (PASS 2) reads it, so no chunk's
+program recomputes the whole MLP. Models without (PASS 0) run in one launch.
 
 Per cell-update (growing model, C=16, F=3, hidden 128, two chunks): reads the state's 3x3
 neighbourhood (C values from DRAM, the rest from cache) and the incoming gradient (C values), writes
@@ -44,6 +44,11 @@ from .step import _clamp, _mma, _perceive, _relu_to
 def _inside_range(v, lo, hi):
     """[lo <= v <= hi] as 0/1 in fp32: torch.clamp's backward passes the gradient on the bounds."""
     return ((v >= lo) & (v <= hi)).to(tl.float32)
+
+
+@triton.jit
+def _add_to(ptr, v, mask):
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + v, mask=mask)
 
 
 @triton.jit
@@ -231,20 +236,23 @@ def nca_step_backward_kernel(
                 tl.store(gp_c + cell[:, None] * (F * CP) + f * CP + chan[None, :], gpf, mask=vmask)
             gw1 = ngw1
 
-    # ---- this program's partial sums (its chunk's slice of the stream's row), which
-    # reduce_partials_kernel adds in a fixed order ----------------------------------------------------
+    # ---- this program's partial sums (its chunk's slice of the stream's row), added to what the row
+    # holds: the launcher zeroes it once per backward, so a rollout's steps (and a batch's slices)
+    # accumulate in place, each row owned by one program per launch (no atomics), and
+    # reduce_partials_kernel adds the rows once, in a fixed order. (After the loop: the extra loads
+    # cost a program, not a cell.) --------------------------------------------------------------------
     NPART: tl.constexpr = F * CP * HP + HP * CP + HP + CP
     row = part + tp * NPART
     if PASS != 1:
         ok = (rows < HP)[:, None]
         for f in tl.static_range(F):
-            tl.store(row + f * CP * HP + chan[None, :] * HP + rows[:, None], gw1[f], mask=ok)
-        tl.store(row + F * CP * HP + rows[:, None] * CP + chan[None, :], gw2, mask=ok)
+            _add_to(row + f * CP * HP + chan[None, :] * HP + rows[:, None], gw1[f], ok)
+        _add_to(row + F * CP * HP + rows[:, None] * CP + chan[None, :], gw2, ok)
         if BIAS_DOT:
             gb1 = tl.sum(tl.where(kk[None, :] == 0, gb1, 0.0), 1)
-        tl.store(row + F * CP * HP + HP * CP + rows, gb1, mask=rows < HP)
+        _add_to(row + F * CP * HP + HP * CP + rows, gb1, rows < HP)
     if PASS != 2:
-        tl.store(row + F * CP * HP + HP * CP + HP + chan, gb2, mask=lead)
+        _add_to(row + F * CP * HP + HP * CP + HP + chan, gb2, lead)
 
 
 @triton.jit
