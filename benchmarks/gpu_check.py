@@ -10,8 +10,9 @@ reference eager, torch.compile of the reference, and the fused rollout step and 
 (TF32 MLP) and fp16, growing and texture models, at 1024^2, 2048^2 and 4096^2, with cell-updates/s,
 peak memory, the fraction of the memory floor (bytes per cell-update / measured copy bandwidth) and
 how long each first call (compilation) took; training: the fused backward's gradients against the
-reference (and bit-identical run to run) and one Distill growing training iteration timed for the
-reference, torch.compile and the fused path. Only what is checked or timed is compiled.
+reference (and bit-identical run to run), a differentiable rollout's (CUDA-graphed, against its plain
+launches and the reference) and one Distill growing training iteration timed for the reference,
+torch.compile and the fused path. Only what is checked or timed is compiled.
 ``--dry-run`` runs every line of it on a CPU under the Triton interpreter at tiny
 sizes (CI does), so that GPU minutes are not spent finding a Python error.
 """
@@ -230,6 +231,25 @@ def training(report):
                          "bit_identical": all(torch.equal(u, v) for u, v in zip(a, b))})
             print(rows[-1], flush=True)
     report["backward"] = rows
+    # a differentiable rollout: one autograd node, its launches CUDA-graphed, against the same launches
+    # uncaptured (bit for bit), itself (run to run) and the reference's autograd
+    model = nf.NCA(nf.growing_spec(), init_seed=4).to(DEV)
+    model.fp32_matmul = "ieee"
+    x = grown_state(model, 2, ROLLOUT[0], ROLLOUT[0], torch.float32)
+
+    def rollout_grads(backend, graphs=True):
+        model.cuda_graphs = graphs
+        model.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        model.rollout(xx, 8, seed=2, every=4, backend=backend)[:, :, :4].square().sum().backward()
+        return [xx.grad] + [p.grad.clone() for p in model.parameters()]
+
+    a, b, plain = rollout_grads("triton"), rollout_grads("triton"), rollout_grads("triton", graphs=False)
+    want = [g.double() for g in rollout_grads("reference")]
+    report["rollout_grad"] = {"rel_error": max(relative_error(g, w) for g, w in zip(a, want)),
+                              "bit_identical": all(torch.equal(u, v) for u, v in zip(a, b)),
+                              "graphs_equal_launches": all(torch.equal(u, v) for u, v in zip(a, plain))}
+    print(report["rollout_grad"], flush=True)
     train = run_train(nf.NCA(nf.growing_spec(), init_seed=0), torch.device(DEV), size=72 if not DRY else 8,
                       batch=8 if not DRY else 1, steps=64 if not DRY else 2, iterations=10 if not DRY else 1,
                       providers=("reference", "compile", "triton"), log=lambda m: print(m, flush=True))
@@ -249,6 +269,10 @@ def failures(report) -> list:
         if not r["grad_rel_error"] <= 10 * TOLERANCE[r["precision"]] or not r["bit_identical"]:
             out.append(f"backward {r['model']}/{r['precision']}: gradient rel. error {r['grad_rel_error']:.2e}, "
                        f"bit-identical {r['bit_identical']}")
+    rg = report.get("rollout_grad")
+    if rg and not (rg["rel_error"] <= 80 * TOLERANCE["ieee"] and rg["bit_identical"] and rg["graphs_equal_launches"]):
+        out.append(f"differentiable 8-step rollout: gradient rel. error {rg['rel_error']:.2e}, bit-identical "
+                   f"{rg['bit_identical']}, CUDA graphs equal to plain launches {rg['graphs_equal_launches']}")
     return out
 
 
@@ -287,6 +311,11 @@ def markdown(report) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['precision']} | {r['grad_rel_error']:.2e} | {r['bit_identical']} |"
                   for r in report["backward"]]
+    if report.get("rollout_grad"):
+        rg = report["rollout_grad"]
+        lines += ["", f"8-step differentiable rollout (growing, ieee): gradient rel. error {rg['rel_error']:.2e}, "
+                  f"bit-identical {rg['bit_identical']}, CUDA graphs equal to plain launches "
+                  f"{rg['graphs_equal_launches']}"]
     if report.get("train"):
         lines += ["", train_table(report["train"])]
     return "\n".join(lines) + "\n"

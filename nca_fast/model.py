@@ -37,6 +37,10 @@ class NCA(nn.Module):
     #: an inf (each check reads the whole state). Otherwise NaN and inf spread as the published models'
     #: arithmetic spreads them, on every backend: to a cell's 3x3 neighbourhood each step.
     check_finite: bool = False
+    #: On CUDA, run a differentiable fused rollout's launches as two CUDA graphs (its forward and its
+    #: backward), captured at the first rollout of each shape and kept, with their buffers, until a
+    #: rollout of another shape replaces them (``kernels/rollout_grad.py``). False: launch each kernel.
+    cuda_graphs: bool = True
 
     def __init__(self, spec: NCASpec, weights: Optional[Mapping[str, torch.Tensor]] = None, *,
                  init_seed: int = 0):
@@ -282,7 +286,8 @@ class NCA(nn.Module):
         packed = self.packed_weights(x.dtype, grad=True) if backend == "triton" else None
         if cfg is not None and steps > 0 and not cfg.backward_problem():  # the whole rollout, one autograd node
             out, kept = fused_rollout_grad(self.spec, cfg, self.precision(x.dtype), packed, x, steps, seed=seed,
-                                           start_step=start_step, origin=origin, every=every, seg=seg)
+                                           start_step=start_step, origin=origin, every=every, seg=seg,
+                                           owner=self if self.cuda_graphs else None)
             self._check_finite(out, f"the state after step {start_step + steps - 1}")
             return out if every is None else kept
         fire_rate = self.spec.fire_rate

@@ -296,6 +296,62 @@ def test_16bit_fused_rollout(dtype, rel):
         assert float((gpt[n] - gpr[n]).norm() / gpr[n].norm()) < rel, n
 
 
+def test_captured_training_rollouts_match_uncaptured(monkeypatch):
+    """The CUDA-graph path of differentiable rollouts with a recorder for CUDA graphs: a replay re-runs
+    the recorded launches with allocation forbidden (a graph's pointers are fixed), each shape is
+    captured once, and training iterations (new weights and seeds each) and two interleaved rollouts
+    (two forwards, then both backwards) give the uncaptured path's gradients bit for bit."""
+    from nca_fast.kernels import rollout_grad as rg
+    recorded = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+            recorded.append(self)
+
+        def replay(self):
+            def refuse(*a, **k):
+                raise AssertionError("a replay allocated")
+            with monkeypatch.context() as m:
+                for name in ("empty", "empty_like", "zeros", "zeros_like", "tensor", "empty_strided"):
+                    m.setattr(torch, name, refuse)
+                self.fn()
+
+    spec = CASES["growing-replicate-clamps"]
+    g = torch.Generator().manual_seed(13)
+    model = nf.NCA(spec, init_seed=13).to(DEVICE)
+    x = _state(spec, g, B=2, H=6, W=7)
+    w = torch.randn((2,) + tuple(x.shape), generator=g).to(DEVICE)
+
+    def iteration(k, backward=True):
+        xx = x.clone().requires_grad_(True)
+        frames = model.rollout(xx, 4, seed=k, every=2, backend="triton", checkpoint_every=3)
+        loss = (frames.float() * w).sum()
+        return (xx, loss) if not backward else (loss.backward(), xx.grad)[1]
+
+    def train(captured):
+        monkeypatch.setattr(rg, "use_graphs", lambda t: captured)
+        monkeypatch.setattr(rg, "cuda_graph", Recorder)
+        out, m = [], nf.NCA(spec, init_seed=13).to(DEVICE)
+        model.load_state_dict(m.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for k in range(3):
+            opt.zero_grad()
+            out += [iteration(k)] + [p.grad.clone() for p in model.parameters()]
+            opt.step()
+        a, b = iteration(7, False), iteration(8, False)  # two rollouts' graphs alive at once
+        model.zero_grad()
+        b[1].backward()
+        a[1].backward()
+        return out + [a[0].grad, b[0].grad] + [p.grad.clone() for p in model.parameters()]
+
+    plain = train(False)
+    assert not recorded
+    captured = train(True)
+    assert len(recorded) == 2  # one forward and one backward graph for the one shape
+    assert all(torch.equal(p, c) for p, c in zip(plain, captured))
+
+
 def test_rollout_every_keeps_the_graph():
     spec = nf.texture_spec()
     model = nf.NCA(spec, init_seed=9).to(DEVICE)

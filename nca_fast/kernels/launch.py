@@ -176,14 +176,15 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, gy,
     return gp
 
 
-def launch_reduce_partials(cfg: StepConfig, part: torch.Tensor):
-    """The weight gradients (gW1, gW1's bias rows, gW2, gb2) in the packed weights' layouts, fp32:
-    the rows of ``part`` added in a fixed order."""
+def launch_reduce_partials(cfg: StepConfig, part: torch.Tensor, out=None):
+    """The weight gradients (gW1, gW1's bias rows, gW2, gb2) in the packed weights' layouts, fp32 (into
+    ``out``'s four tensors when given): the rows of ``part`` added in a fixed order."""
     F, CP, HP = cfg.F, cfg.CP, cfg.HP
     split = (2,) if cfg.SPLIT else ()
-    grads = tuple(torch.empty(split + shape, dtype=torch.float32, device=part.device)
-                  for shape in ((F, CP, HP), (16, HP), (HP, CP))) + (torch.empty(CP, dtype=torch.float32,
-                                                                                device=part.device),)
+    grads = out if out is not None else (
+        tuple(torch.empty(split + shape, dtype=torch.float32, device=part.device)
+              for shape in ((F, CP, HP), (16, HP), (HP, CP))) + (torch.empty(CP, dtype=torch.float32,
+                                                                            device=part.device),))
     npart = part.shape[1]
     reduce_partials_kernel[(-(-npart // REDUCE_BLOCK),)](part, *grads, part.shape[0], F=F, CP=CP, HP=HP,
                                                         SPLIT=cfg.SPLIT, BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=1)

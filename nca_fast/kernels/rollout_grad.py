@@ -1,18 +1,25 @@
-"""Differentiable fused rollouts: a whole rollout as one autograd node.
+"""Differentiable fused rollouts: a whole rollout as one autograd node, its launches CUDA-graphed.
 
 Stepping the ``nca_fast::fused_step`` op ``steps`` times pays, per step and direction, a custom-op
 dispatch and an autograd node, a counter tensor copied to the device, fresh buffers, a reduction of the
 weight gradients and four adds into the accumulated ones: host work that a 72x72x8 training rollout
 (about 5 us of GPU time a step) cannot hide. Here the forward launches the steps into buffers allocated
-once per rollout (the step counter is a kernel argument, the seed and base step one device tensor), and
-the backward runs the steps' backward kernels in reverse:
+once (the step counter is a kernel argument, the seed and base step one device tensor), and the backward
+runs the steps' backward kernels in reverse:
 
 - the state gradient ping-pongs between two fp32 buffers (never rounded to a 16-bit state dtype);
 - the weight-gradient partial sums of every step accumulate in place in one buffer (each tile stream's
   row owned by one program per launch, no atomics) and are reduced once, in a fixed order: the
   gradients are bit-reproducible;
 - per step it launches the backward (one pass, or the update and MLP passes of clamped models) and the
-  transposed perception: 2-3 launches, against the forward's 2-3 (step, and finalize for alive models).
+  transposed perception, against the forward's step (and finalize for alive models).
+
+On CUDA the forward's and the backward's launches are captured once per shape as two CUDA graphs
+(``_Rollout`` owns every buffer they touch; a call copies its input, weights and counters in and its
+results out), so a training iteration costs two graph launches instead of ~5 kernel launches a step.
+A rollout whose buffers a later rollout of the same shape has overwritten (two forwards before a
+backward) replays its forward again before its backward: the same kernels on the same inputs, so the
+same states.
 
 Memory (gradient checkpointing): the forward keeps the input state of each segment of ``seg`` steps and,
 for the last segment, every step's input state and alive bytes; the backward recomputes each earlier
@@ -22,13 +29,15 @@ recomputes nothing. Models the fused backward does not take use the op path (``m
 """
 from __future__ import annotations
 
+import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
 from ..spec import NCASpec
-from .config import INT32_MAX, StepConfig
+from .config import INT32_MAX, StepConfig, interpreting
 from .launch import (
     backward_buffers,
     counter_tensor,
@@ -44,21 +53,27 @@ from .pack import dot_dtype
 
 @dataclass(frozen=True)
 class RolloutPlan:
-    """What a differentiable fused rollout runs: ``steps`` steps from step counter ``start_step``,
-    checkpointed in segments of ``seg`` steps, keeping the state after every ``every``-th step."""
+    """What a differentiable fused rollout runs (whatever its seed and first step counter): ``steps``
+    steps of states ``shape`` in ``dtype``, checkpointed in segments of ``seg`` steps, keeping the state
+    after every ``every``-th step."""
     spec: NCASpec
     cfg: StepConfig
     precision: str
+    shape: Tuple[int, int, int, int]
+    dtype: torch.dtype
+    device: torch.device
     steps: int
     seg: int
-    seed: int
-    start_step: int
     origin: Tuple[int, int]
     every: Optional[int]
 
     @property
     def n_seg(self) -> int:
         return -(-self.steps // self.seg)
+
+    @property
+    def n_kept(self) -> int:
+        return self.steps // self.every if self.every is not None else 0
 
     def segment(self, s: int) -> Tuple[int, int]:
         """(first step, number of steps) of segment ``s``."""
@@ -69,115 +84,205 @@ class RolloutPlan:
         return (k + 1) // self.every - 1 if self.every is not None and (k + 1) % self.every == 0 else -1
 
 
-class _Buffers:
-    """A rollout's states between its forward and backward: ``ckpts[s]`` the input of segment ``s``,
-    ``inner[i]`` the input of step ``i + 1`` of the segment last run, ``lives[i]`` the alive bytes of its
-    step ``i``; ``y``/``pre`` the pending form between an alive model's step and its finalize."""
+class _Rollout:
+    """Every buffer of one differentiable rollout and its launches, which touch nothing else (so that
+    they can be captured in CUDA graphs): the inputs (``ckpts[0]``, the weights, ``ctr``), the states
+    between forward and backward (``ckpts[s]`` the input of segment ``s``, ``inner[i]`` the input of step
+    ``i + 1`` of the segment last run, ``lives[i]`` the alive bytes of its step ``i``; ``y``/``pre`` an
+    alive model's pending form between its step and finalize), the outputs (``out``, ``kept``), the
+    incoming gradients (``g[0]``, ``g_kept``) and the backward's scratch and results."""
 
-    def __init__(self, plan: RolloutPlan, x: torch.Tensor):
-        B, _, H, W = x.shape
-        alive = plan.cfg.ALIVE
+    def __init__(self, plan: RolloutPlan, packed):
+        self.plan = plan
+        B, _, H, W = plan.shape
+        dev, alive = plan.device, plan.cfg.ALIVE
 
-        def state():
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        def state(dtype=plan.dtype):
+            return torch.empty(plan.shape, dtype=dtype, device=dev, memory_format=torch.channels_last)
 
+        dot = dot_dtype(plan.precision)
+        self.weights = tuple(torch.empty_like(w) for w in packed)  # fp32 (the backward's)
+        self.dot = tuple(torch.empty_like(w, dtype=dot) for w in packed[:3])  # w1, wb, w2 as the forward dots them
+        self.ctr = torch.zeros(2, dtype=torch.int64, device=dev)
         self.ckpts = [state() for _ in range(plan.n_seg)]
         self.inner = [state() for _ in range(plan.seg - 1)]
-        self.lives = torch.empty(plan.seg, B, H, W, dtype=torch.uint8, device=x.device) if alive else None
+        self.lives = torch.empty(plan.seg, B, H, W, dtype=torch.uint8, device=dev) if alive else None
         self.y = state() if alive else None
-        self.pre = torch.empty(B, H, W, dtype=torch.uint8, device=x.device) if alive else None
+        self.pre = torch.empty(B, H, W, dtype=torch.uint8, device=dev) if alive else None
+        self.out = state()
+        self.kept = torch.empty((plan.n_kept,) + plan.shape, dtype=plan.dtype, device=dev)
+        self.step_b = max(1, INT32_MAX // check_backward_size(plan.cfg, H, W))  # images per launch
+        self.scratch = backward_buffers(plan.cfg, (min(B, self.step_b),) + plan.shape[1:], dev)
+        self.g = [state(torch.float32) for _ in range(2)]
+        self.g_kept = torch.empty_like(self.kept)
+        cfg = plan.cfg
+        split = (2,) if cfg.SPLIT else ()
+        self.grads = tuple(torch.empty(split + s, dtype=torch.float32, device=dev)
+                           for s in ((cfg.F, cfg.CP, cfg.HP), (16, cfg.HP), (cfg.HP, cfg.CP))) + \
+            (torch.empty(cfg.CP, dtype=torch.float32, device=dev),)
+        self.gx = self.g[plan.steps % 2]  # (each step's backward writes the other buffer)
+        self.fwd = self.bwd = None  # the CUDA graphs, once captured
+        self.generation = 0  # forwards run into these buffers (a backward checks its own is the last)
 
-    def input_of(self, plan: RolloutPlan, s: int, i: int) -> torch.Tensor:
-        return self.ckpts[s] if i == 0 else self.inner[i - 1]
+    def load(self, x: torch.Tensor, packed, seed: int, start_step: int) -> None:
+        """The inputs into the buffers that the launches read (outside any graph: host-to-device)."""
+        self.ckpts[0].copy_(x)
+        for dst, w in zip(self.weights, packed):
+            dst.copy_(w)
+        self.ctr.copy_(counter_tensor(seed, start_step, "cpu"))
 
+    # ---- the launches ------------------------------------------------------------------------
+    def forward(self) -> None:
+        for d, w in zip(self.dot, self.weights):
+            d.copy_(w)
+        for s in range(self.plan.n_seg):
+            self._segment(s, keep=True)
 
-def _run_segment(plan: RolloutPlan, packed, ctr, bufs: _Buffers, s: int, out: torch.Tensor,
-                 kept: Optional[torch.Tensor] = None) -> None:
-    """Segment ``s`` forward from ``bufs.ckpts[s]``: its inner states and alive bytes into ``bufs``, its
-    last state into the next checkpoint (``out`` for the last segment); the kept states into ``kept``."""
-    cfg, spec = plan.cfg, plan.spec
-    k0, n = plan.segment(s)
-    src = bufs.ckpts[s]
-    for i in range(n):
-        k = k0 + i
-        dst = bufs.inner[i] if i < n - 1 else (bufs.ckpts[s + 1] if s + 1 < plan.n_seg else out)
-        if cfg.ALIVE:  # the step, then its true state (and each cell's alive decision for the backward)
-            launch_step(cfg, spec, packed, src, None, bufs.y, bufs.pre, ctr, step_offset=k, origin=plan.origin,
-                        fire_rate=spec.fire_rate)
-            launch_finalize(cfg, spec, bufs.y, bufs.pre, dst, life=bufs.lives[i])
-        else:
-            launch_step(cfg, spec, packed, src, None, dst, None, ctr, step_offset=k, origin=plan.origin,
-                        fire_rate=spec.fire_rate)
-        if kept is not None and plan.kept(k) >= 0:
-            kept[plan.kept(k)].copy_(dst)
-        src = dst
+    def _segment(self, s: int, keep: bool) -> None:
+        """Segment ``s`` forward from ``ckpts[s]``: its inner states and alive bytes, its last state into
+        the next checkpoint (``out`` for the last segment); with ``keep`` the kept states."""
+        plan, cfg, spec = self.plan, self.plan.cfg, self.plan.spec
+        packed = (*self.dot, *self.weights[3:])
+        k0, n = plan.segment(s)
+        src = self.ckpts[s]
+        for i in range(n):
+            k = k0 + i
+            dst = self.inner[i] if i < n - 1 else (self.ckpts[s + 1] if s + 1 < plan.n_seg else self.out)
+            if cfg.ALIVE:  # the step, then its true state (and each cell's alive decision for the backward)
+                launch_step(cfg, spec, packed, src, None, self.y, self.pre, self.ctr, step_offset=k,
+                            origin=plan.origin, fire_rate=spec.fire_rate)
+                launch_finalize(cfg, spec, self.y, self.pre, dst, life=self.lives[i])
+            else:
+                launch_step(cfg, spec, packed, src, None, dst, None, self.ctr, step_offset=k, origin=plan.origin,
+                            fire_rate=spec.fire_rate)
+            if keep and plan.kept(k) >= 0:
+                self.kept[plan.kept(k)].copy_(dst)
+            src = dst
 
-
-class _FusedRolloutFn(torch.autograd.Function):
-    """``(plan, x, w1, wb, w2, b2, fscale) -> (final state, kept states)``; the weights packed in fp32
-    (``pack.pack_step(..., torch.float32)``), differentiable in ``x`` and ``w1, wb, w2, b2``."""
-
-    @staticmethod
-    def forward(ctx, plan: RolloutPlan, x, w1, wb, w2, b2, fscale):
-        dot = dot_dtype(plan.precision)
-        packed = (w1.to(dot), wb.to(dot), w2.to(dot), b2, fscale)  # (once per rollout, not per step)
-        ctr = counter_tensor(plan.seed, plan.start_step, x.device)
-        bufs = _Buffers(plan, x)
-        bufs.ckpts[0].copy_(x)
-        out = torch.empty_like(bufs.ckpts[0])
-        n_kept = plan.steps // plan.every if plan.every is not None else 0
-        kept = torch.empty((n_kept,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-        for s in range(plan.n_seg):
-            _run_segment(plan, packed, ctr, bufs, s, out, kept)
-        ctx.plan, ctx.packed, ctx.ctr, ctx.bufs = plan, packed, ctr, bufs
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(w1, wb, w2, b2, fscale)
-        return out, kept
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_out, g_kept):
-        plan, cfg, spec, bufs = ctx.plan, ctx.plan.cfg, ctx.plan.spec, ctx.bufs
-        w1, wb, w2, b2, fscale = ctx.saved_tensors
-        weights = (w1.float(), wb.float(), w2.float(), b2, fscale)  # the gradient dots take fp32 weights
-        x0 = bufs.ckpts[0]
-        B, _, H, W = x0.shape
-        step_b = max(1, INT32_MAX // check_backward_size(cfg, H, W))  # images per launch (one unless huge)
-        scratch = backward_buffers(cfg, (min(B, step_b),) + tuple(x0.shape[1:]), x0.device)
-        g = [torch.empty(x0.shape, dtype=torch.float32, device=x0.device, memory_format=torch.channels_last)
-             for _ in range(2)]
-        g[0].copy_(g_out)
+    def backward(self) -> None:
+        """From ``g[0]`` (dL/d out) and ``g_kept``: dL/dx into ``gx``, the weight gradients into ``grads``."""
+        plan, cfg, spec = self.plan, self.plan.cfg, self.plan.spec
+        B = plan.shape[0]
+        self.scratch.part.zero_()
         cur = 0
         for s in reversed(range(plan.n_seg)):
             k0, n = plan.segment(s)
             if s < plan.n_seg - 1:  # (the last segment's states are still there from the forward)
-                _run_segment(plan, ctx.packed, ctx.ctr, bufs, s, bufs.ckpts[s + 1])
+                self._segment(s, keep=False)
             for i in reversed(range(n)):
                 k = k0 + i
-                if g_kept is not None and plan.kept(k) >= 0:
-                    g[cur].add_(g_kept[plan.kept(k)])
-                x, life = bufs.input_of(plan, s, i), bufs.lives[i] if cfg.ALIVE else None
-                for b0 in range(0, B, step_b):
-                    b1 = min(B, b0 + step_b)
-                    gy = g[1 - cur][b0:b1]
-                    gp = launch_step_backward(cfg, spec, weights, x[b0:b1], life[b0:b1] if life is not None else None,
-                                              g[cur][b0:b1], gy, scratch, ctx.ctr, step_offset=k, origin=plan.origin,
+                if plan.kept(k) >= 0:
+                    self.g[cur].add_(self.g_kept[plan.kept(k)])
+                x = self.ckpts[s] if i == 0 else self.inner[i - 1]
+                life = self.lives[i] if cfg.ALIVE else None
+                for b0 in range(0, B, self.step_b):
+                    b1 = min(B, b0 + self.step_b)
+                    gy = self.g[1 - cur][b0:b1]
+                    gp = launch_step_backward(cfg, spec, self.weights, x[b0:b1],
+                                              life[b0:b1] if life is not None else None, self.g[cur][b0:b1], gy,
+                                              self.scratch, self.ctr, step_offset=k, origin=plan.origin,
                                               batch_offset=b0, fire_rate=spec.fire_rate)
-                    launch_perceive_vjp(cfg, gp, gy, fscale)
+                    launch_perceive_vjp(cfg, gp, gy, self.weights[4])
                 cur = 1 - cur
-        gw1, gwb, gw2, gb2 = launch_reduce_partials(cfg, scratch.part)
-        ctx.bufs = ctx.packed = None  # (the states go now, not when the graph does)
-        gx = g[cur].to(ctx.x_dtype)  # (channels-last, as the state)
-        return None, gx, gw1.to(w1.dtype), gwb.to(wb.dtype), gw2.to(w2.dtype), gb2.to(b2.dtype), None
+        launch_reduce_partials(cfg, self.scratch.part, out=self.grads)
+
+    def capture(self) -> None:
+        """Record ``forward`` and ``backward`` as CUDA graphs (after a warm-up run of each, which
+        compiles the kernels outside the capture)."""
+        cuda = self.plan.device.type == "cuda"
+        stream = torch.cuda.Stream() if cuda else None
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            self.forward()
+            self.g[0].zero_()
+            self.g_kept.zero_()
+            self.backward()
+        if cuda:
+            torch.cuda.current_stream().wait_stream(stream)
+        self.fwd, self.bwd = cuda_graph(self.forward), cuda_graph(self.backward)
+
+    def run_forward(self) -> None:
+        self.fwd.replay() if self.fwd is not None else self.forward()
+        self.generation += 1
+
+    def run_backward(self) -> None:
+        self.bwd.replay() if self.bwd is not None else self.backward()
+
+
+def cuda_graph(fn):
+    """``fn``'s launches as a replayable CUDA graph."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def use_graphs(x: torch.Tensor) -> bool:
+    """Capture the rollout's launches (CUDA, compiled kernels, not inside someone else's capture)."""
+    return x.is_cuda and not interpreting() and not torch.cuda.is_current_stream_capturing()
+
+
+# Captured rollouts, one per owner (a model): a training loop runs one shape; a new one replaces it.
+_GRAPHED: "weakref.WeakKeyDictionary[object, _Rollout]" = weakref.WeakKeyDictionary()
+
+
+def _rollout_for(plan: RolloutPlan, owner, packed) -> _Rollout:
+    """The owner's captured rollout of this plan (captured now if it has none), or fresh buffers."""
+    if owner is None:
+        return _Rollout(plan, packed)
+    r = _GRAPHED.get(owner)
+    if r is None or r.plan != plan:
+        _GRAPHED.pop(owner, None)  # (its buffers go before the new ones are allocated)
+        r = _GRAPHED[owner] = _Rollout(plan, packed)
+    return r
+
+
+class _FusedRolloutFn(torch.autograd.Function):
+    """``(plan, owner, seed, start_step, x, w1, wb, w2, b2, fscale) -> (final state, kept states)``; the
+    weights packed in fp32 (``pack.pack_step(..., torch.float32)``), differentiable in ``x`` and
+    ``w1, wb, w2, b2``. ``owner``: whose captured graphs to use, or None (no graphs)."""
+
+    @staticmethod
+    def forward(ctx, plan: RolloutPlan, owner, seed: int, start_step: int, x, *packed):
+        r = _rollout_for(plan, owner, packed)
+        r.load(x, packed, seed, start_step)
+        if owner is not None and r.fwd is None:
+            r.capture()
+        r.run_forward()
+        ctx.plan, ctx.r, ctx.generation, ctx.counters = plan, r, r.generation, (seed, start_step)
+        ctx.save_for_backward(x, *packed)
+        if owner is None:  # (fresh buffers: nothing else writes them)
+            return r.out, r.kept
+        return r.out.clone(), r.kept.clone()  # (the graph's buffers: the next rollout overwrites them)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_kept):
+        x, *packed = ctx.saved_tensors
+        r = ctx.r if ctx.r is not None else _Rollout(ctx.plan, packed)  # (a second backward, retain_graph)
+        if ctx.r is None or r.generation != ctx.generation:  # a later rollout overwrote the states
+            r.load(x, packed, *ctx.counters)
+            r.run_forward()
+        r.g[0].copy_(g_out)
+        r.g_kept.copy_(g_kept)
+        r.run_backward()
+        r.generation += 1  # (the backward's recomputation overwrote inner states)
+        ctx.r = None  # (buffers not captured go now, not when the autograd graph does)
+        gx = r.gx.to(x.dtype, copy=True)
+        gw1, gwb, gw2, gb2 = (g.to(w.dtype, copy=True) for g, w in zip(r.grads, packed))
+        return None, None, None, None, gx, gw1, gwb, gw2, gb2, None
 
 
 def fused_rollout_grad(spec: NCASpec, cfg: StepConfig, precision: str, packed, x: torch.Tensor, steps: int, *,
-                       seed: int, start_step: int, origin: Tuple[int, int], every: Optional[int],
-                       seg: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                       seed: int, start_step: int, origin: Tuple[int, int], every: Optional[int], seg: int,
+                       owner=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """A differentiable fused rollout of ``x [B, C, H, W]`` (``steps >= 1``): returns the final state
     (channels-last) and the states after every ``every``-th step stacked ``[steps // every, B, C, H, W]``
     (empty without ``every``); ``packed``: the fp32 step weights under autograd. Checkpointed in
-    segments of ``seg`` steps (``seg >= steps``: nothing recomputed)."""
-    plan = RolloutPlan(spec, cfg, precision, int(steps), max(1, min(int(seg), int(steps))), int(seed),
-                       int(start_step), (int(origin[0]), int(origin[1])), every)
-    return _FusedRolloutFn.apply(plan, x, *packed)
+    segments of ``seg`` steps (``seg >= steps``: nothing recomputed). With an ``owner`` (the model) on
+    CUDA its launches run as CUDA graphs captured at the first call of each shape."""
+    plan = RolloutPlan(spec, cfg, precision, tuple(x.shape), x.dtype, x.device, int(steps),
+                       max(1, min(int(seg), int(steps))), (int(origin[0]), int(origin[1])), every)
+    owner = owner if owner is not None and use_graphs(x) else None
+    return _FusedRolloutFn.apply(plan, owner, int(seed), int(start_step), x, *packed)
