@@ -284,7 +284,8 @@ class NCA(nn.Module):
             seg = steps if self._graph_fits(x, steps, backend) else max(1, math.isqrt(max(steps, 1)))
         self._check_finite(x, "the input state")
         packed = self.packed_weights(x.dtype, grad=True) if backend == "triton" else None
-        if cfg is not None and steps > 0 and not cfg.backward_problem():  # the whole rollout, one autograd node
+        # the whole rollout as one autograd node; traced by torch.compile, the op step by step
+        if cfg is not None and steps > 0 and not cfg.backward_problem() and not torch.compiler.is_compiling():
             out, kept = fused_rollout_grad(self.spec, cfg, self.precision(x.dtype), packed, x, steps, seed=seed,
                                            start_step=start_step, origin=origin, every=every, seg=seg,
                                            owner=self if self.cuda_graphs else None)

@@ -352,6 +352,26 @@ def test_captured_training_rollouts_match_uncaptured(monkeypatch):
     assert all(torch.equal(p, c) for p, c in zip(plain, captured))
 
 
+def test_differentiable_rollout_under_torch_compile():
+    """Traced by torch.compile (fullgraph), a differentiable fused rollout runs the op step by step
+    (the rollout node is not traceable) with the rollout node's gradients."""
+    model, x, _ = _growing_case(14, B=1, H=6, W=7)
+    model.fp32_matmul = "ieee"
+
+    def grads(f):
+        model.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        f(xx)[:, :4].square().sum().backward()
+        return [xx.grad] + [p.grad.clone() for p in model.parameters()]
+
+    def f(xx):
+        return model.rollout(xx, 3, seed=1, backend="triton")
+
+    eager, compiled = grads(f), grads(torch.compile(f, backend="eager", fullgraph=True))
+    for a, b in zip(compiled, eager):
+        _close(a, b, 1e-6)
+
+
 def test_rollout_every_keeps_the_graph():
     spec = nf.texture_spec()
     model = nf.NCA(spec, init_seed=9).to(DEVICE)
