@@ -246,8 +246,8 @@ class NCA(nn.Module):
         backward recomputes perception and hidden). With ``checkpoint_every=k`` steps run in segments
         of k whose inner states are recomputed in the backward, so memory grows with the number of
         segments plus one segment's states. The default (None) keeps the whole graph when it takes
-        under a quarter of the free memory (no recomputation) and segments of about sqrt(steps)
-        otherwise.
+        under a quarter of the free memory (no recomputation; always under ``torch.compile``, which
+        traces the fused path's op step by step) and segments of about sqrt(steps) otherwise.
         """
         self._check_state(x)
         if self._needs_grad(x):
@@ -280,6 +280,8 @@ class NCA(nn.Module):
             kop.check_backward_size(cfg, x.shape[2], x.shape[3])
         if checkpoint_every is not None:
             seg = check_int("checkpoint_every", checkpoint_every, 1)
+        elif torch.compiler.is_compiling():  # (no free-memory query in a traced graph: the whole graph)
+            seg = steps
         else:
             seg = steps if self._graph_fits(x, steps, backend) else max(1, math.isqrt(max(steps, 1)))
         self._check_finite(x, "the input state")
