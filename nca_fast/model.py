@@ -15,7 +15,7 @@ from .kernels import config as kconfig
 from .kernels import op as kop
 from .kernels.pack import PackedHead, cached, pack_pixel_shuffle, pack_step
 from .kernels.rollout import FusedRollout, fused_stream
-from .kernels.rollout_grad import fused_rollout_grad
+from .kernels.rollout_grad import fused_rollout_grad, held_bytes
 from .precision import check_fp32_precision, state_precision
 from .spec import NCASpec
 from .utils.checks import available_bytes, check_int, check_memory, check_state, register_weights
@@ -329,6 +329,8 @@ class NCA(nn.Module):
 
     def _graph_fits(self, x: torch.Tensor, steps: int, backend: str) -> bool:
         free = available_bytes(x.device)
+        if free is not None and backend == "triton":  # (the buffers of this model's captured rollout, if any)
+            free += held_bytes(self)
         need = steps * x.shape[0] * x.shape[2] * x.shape[3] * self.graph_bytes_per_cell(x.dtype, backend)
         return free is not None and need <= free // 4
 

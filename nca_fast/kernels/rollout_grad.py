@@ -124,6 +124,13 @@ class _Rollout:
         self.fwd = self.bwd = None  # the CUDA graphs, once captured
         self.generation = 0  # forwards run into these buffers (a backward checks its own is the last)
 
+    def tensors(self):
+        """Every buffer (for memory accounting)."""
+        s = self.scratch
+        return [t for t in (*self.weights, *self.dot, self.ctr, *self.ckpts, *self.inner, self.lives, self.y,
+                            self.pre, self.out, self.kept, *self.g, self.g_kept, *self.grads, s.gp, s.part, s.gd)
+                if t is not None]
+
     def load(self, x: torch.Tensor, packed, seed: int, start_step: int) -> None:
         """The inputs into the buffers that the launches read (outside any graph: host-to-device)."""
         self.ckpts[0].copy_(x)
@@ -225,6 +232,15 @@ def use_graphs(x: torch.Tensor) -> bool:
 
 # Captured rollouts, one per owner (a model): a training loop runs one shape; a new one replaces it.
 _GRAPHED: "weakref.WeakKeyDictionary[object, _Rollout]" = weakref.WeakKeyDictionary()
+
+
+def held_bytes(owner) -> int:
+    """Device memory that ``owner``'s captured rollout holds between rollouts (reused, or freed, by its
+    next one: what a free-memory estimate should count as free)."""
+    r = _GRAPHED.get(owner)
+    if r is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in r.tensors())
 
 
 def _rollout_for(plan: RolloutPlan, owner, packed) -> _Rollout:
