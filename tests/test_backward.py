@@ -353,6 +353,34 @@ def test_captured_training_rollouts_match_uncaptured(monkeypatch):
     assert all(torch.equal(p, c) for p, c in zip(plain, captured))
 
 
+def test_a_failed_capture_falls_back_to_plain_launches(monkeypatch):
+    """A CUDA-graph capture that fails warns once and the model launches its kernels from then on, with
+    the same gradients."""
+    from nca_fast.kernels import rollout_grad as rg
+    model, x, _ = _growing_case(15, B=1, H=5, W=6)
+
+    def grads():
+        model.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        model.rollout(xx, 2, seed=1, backend="triton")[:, :4].sum().backward()
+        return [xx.grad] + [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    calls = []
+
+    def broken(fn):
+        calls.append(fn)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(rg, "use_graphs", lambda t: True)
+    monkeypatch.setattr(rg, "cuda_graph", broken)
+    with pytest.warns(RuntimeWarning, match="capturing a rollout's CUDA graphs failed"):
+        first = grads()
+    second = grads()
+    assert len(calls) == 1 and not rg.captured(model)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, second))
+
+
 def test_differentiable_rollout_under_torch_compile():
     """Traced by torch.compile (fullgraph), a differentiable fused rollout runs the op step by step
     (the rollout node is not traceable) with the rollout node's gradients."""

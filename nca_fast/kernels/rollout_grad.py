@@ -30,6 +30,7 @@ recomputes nothing. Models the fused backward does not take use the op path (``m
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -232,6 +233,13 @@ def use_graphs(x: torch.Tensor) -> bool:
 
 # Captured rollouts, one per owner (a model): a training loop runs one shape; a new one replaces it.
 _GRAPHED: "weakref.WeakKeyDictionary[object, _Rollout]" = weakref.WeakKeyDictionary()
+_UNCAPTURABLE: "weakref.WeakSet[object]" = weakref.WeakSet()  # owners whose capture failed once
+
+
+def captured(owner) -> bool:
+    """Whether ``owner``'s last differentiable rollout ran as CUDA graphs."""
+    r = _GRAPHED.get(owner)
+    return r is not None and r.fwd is not None
 
 
 def held_bytes(owner) -> int:
@@ -264,7 +272,17 @@ class _FusedRolloutFn(torch.autograd.Function):
         r = _rollout_for(plan, owner, packed)
         r.load(x, packed, seed, start_step)
         if owner is not None and r.fwd is None:
-            r.capture()
+            try:
+                r.capture()
+            except RuntimeError as e:  # (CUDA's errors: plain launches from now on, said once per model)
+                _GRAPHED.pop(owner, None)
+                _UNCAPTURABLE.add(owner)
+                warnings.warn(f"nca_fast: capturing a rollout's CUDA graphs failed ({type(e).__name__}: {e}); "
+                              "this model launches its kernels one by one from now on", RuntimeWarning,
+                              stacklevel=2)
+                owner = None
+                r = _Rollout(plan, packed)
+                r.load(x, packed, seed, start_step)
         r.run_forward()
         ctx.plan, ctx.r, ctx.generation, ctx.counters = plan, r, r.generation, (seed, start_step)
         ctx.save_for_backward(x, *packed)
@@ -300,5 +318,5 @@ def fused_rollout_grad(spec: NCASpec, cfg: StepConfig, precision: str, packed, x
     CUDA its launches run as CUDA graphs captured at the first call of each shape."""
     plan = RolloutPlan(spec, cfg, precision, tuple(x.shape), x.dtype, x.device, int(steps),
                        max(1, min(int(seg), int(steps))), (int(origin[0]), int(origin[1])), every)
-    owner = owner if owner is not None and use_graphs(x) else None
+    owner = owner if owner is not None and owner not in _UNCAPTURABLE and use_graphs(x) else None
     return _FusedRolloutFn.apply(plan, owner, int(seed), int(start_step), x, *packed)
