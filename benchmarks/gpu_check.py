@@ -256,7 +256,8 @@ def training(report):
     print(report["rollout_grad"], flush=True)
     train = run_train(nf.NCA(nf.growing_spec(), init_seed=0), torch.device(DEV), size=72 if not DRY else 8,
                       batch=8 if not DRY else 1, steps=64 if not DRY else 2, iterations=10 if not DRY else 1,
-                      providers=("reference", "compile", "triton"), log=lambda m: print(m, flush=True))
+                      providers=("reference", "compile", "triton", "triton-launches"),
+                      log=lambda m: print(m, flush=True))
     report["train"] = train
 
 

@@ -10,7 +10,10 @@ as well as their times:
   ``backend="auto"`` trains with on a CPU);
 - ``compile``: the same reference step under ``torch.compile`` (its backward by AOTAutograd), in the
   same loop with the same masks;
-- ``triton``: ``model.rollout(..., backend="triton")``, the fused step and its fused backward (CUDA).
+- ``triton``: ``model.rollout(..., backend="triton")``, the fused step and its fused backward (CUDA),
+  the rollout's launches captured as CUDA graphs;
+- ``triton-launches``: the same with ``model.cuda_graphs = False`` (each kernel launched): what the
+  graphs save.
 """
 from __future__ import annotations
 
@@ -28,13 +31,15 @@ from ..train import normalise_gradients, rgba_loss
 from .cases import realistic_state
 from .runner import device_sync
 
-TRAIN_PROVIDERS = ("reference", "compile", "triton")
+TRAIN_PROVIDERS = ("reference", "compile", "triton", "triton-launches")
 
 
 def _iteration_fn(name: str, model: NCA, steps: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """``rollout(x0, k) -> final state`` with gradients, for provider ``name``."""
-    if name in ("reference", "triton"):
-        return lambda x0, k: model.rollout(x0, steps, seed=k, backend=name)
+    if name in ("reference", "triton", "triton-launches"):
+        model.cuda_graphs = name == "triton"
+        backend = "reference" if name == "reference" else "triton"
+        return lambda x0, k: model.rollout(x0, steps, seed=k, backend=backend)
     spec = model.spec
     names = list(spec.parameter_shapes())
 
@@ -54,7 +59,7 @@ def _iteration_fn(name: str, model: NCA, steps: int) -> Callable[[torch.Tensor, 
 
 
 def unavailable(name: str, device: torch.device) -> str:
-    if name == "triton" and device.type != "cuda" and not interpreting():
+    if name.startswith("triton") and device.type != "cuda" and not interpreting():
         return "the fused path trains on CUDA (on a CPU, backend='auto' trains with the reference)"
     return ""
 
