@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .config import interpreting
+from .config import FP_FUSION, interpreting
 
 TARGETS = {"sm_80": 80, "sm_90a": 90}
 # The most shared memory one block may use (opt-in maximum): A100 163 KB, H100/H200 227 KB. A kernel
@@ -138,7 +138,7 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     attrs = {(i,): [["tt.divisibility", 16]] for i in ptrs}
     src = ASTSource(fn=cfg.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **FP_FUSION})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:

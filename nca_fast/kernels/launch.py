@@ -16,6 +16,7 @@ from . import decode as decode_kernels
 from .config import (
     BACKWARD_BW,
     BACKWARD_WARPS,
+    FP_FUSION,
     PERCEIVE_VJP_BW,
     PS_DECODE_TILE,
     REDUCE_BLOCK,
@@ -115,7 +116,7 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
             H, W, n_items, -(-n_tiles // programs), top, bot, left, right,
             step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset), rng.fire_threshold(fire_rate),
             float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
             **cfg.constexprs(pending, update_mask is not None, interior), **head_ce)
 
 
@@ -172,7 +173,8 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, gy,
             bufs.gd if bufs.gd is not None else ctr,
             H, W, n, -(-n_tiles // streams), step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset),
             rng.fire_threshold(fire_rate), float(spec.step_size), *_clamp_args(spec),
-            num_warps=BACKWARD_WARPS, num_stages=1, **cfg.backward_constexprs(update_mask is not None, pass_))
+            num_warps=BACKWARD_WARPS, num_stages=1, **FP_FUSION,
+            **cfg.backward_constexprs(update_mask is not None, pass_))
     return gp
 
 
@@ -187,7 +189,8 @@ def launch_reduce_partials(cfg: StepConfig, part: torch.Tensor, out=None):
                                                                             device=part.device),))
     npart = part.shape[1]
     reduce_partials_kernel[(-(-npart // REDUCE_BLOCK),)](part, *grads, part.shape[0], F=F, CP=CP, HP=HP,
-                                                        SPLIT=cfg.SPLIT, BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=1)
+                                                        SPLIT=cfg.SPLIT, BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=1,
+                                                        **FP_FUSION)
     return grads
 
 
@@ -200,7 +203,7 @@ def launch_perceive_vjp(cfg: StepConfig, gp: torch.Tensor, gy: torch.Tensor, fsc
     bw = PERCEIVE_VJP_BW
     perceive_vjp_kernel[(-(-n // bw),)](
         gp, tap_table(cfg, gy.device), fscale, gy, H, W, n,
-        **perceive_vjp_constexprs(cfg, gp.shape[0]), num_warps=4, num_stages=1)
+        **perceive_vjp_constexprs(cfg, gp.shape[0]), num_warps=4, num_stages=1, **FP_FUSION)
     return gy
 
 
@@ -229,7 +232,7 @@ def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Opt
     nca_finalize_kernel[(programs,)](
         src, src_pre, dst, life if life is not None else src_pre, *dec_args, H, W, n_items, -(-n_tiles // programs),
         float(spec.alive_threshold), **cfg.finalize_constexprs(), LIFE=life is not None,
-        num_warps=4 if head is None else cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=4 if head is None else cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
         **(dict(DECODE=True, **head.constexprs()) if head is not None else {}))
 
 
@@ -240,7 +243,8 @@ def launch_pixel_shuffle(head: HeadConfig, head_weights, precision: str, x: torc
     n_tw, n_th = -(-W // BW), -(-H // BH)
     decode_kernels.pixel_shuffle_kernel[(B * n_th * n_tw,)](
         x, image, *head_weights, H, W, n_tw, n_th * n_tw, C=C, CP=head.CP, BH=BH, BW=BW,
-        **head.constexprs(), **dict(zip(("DOT_T", "PREC"), dot_types(precision))), num_warps=warps, num_stages=1)
+        **head.constexprs(), **dict(zip(("DOT_T", "PREC"), dot_types(precision))), num_warps=warps, num_stages=1,
+        **FP_FUSION)
 
 
 def launch_lppn(dspec, packed: dict, precision: str, x: torch.Tensor, image: torch.Tensor) -> None:
@@ -257,4 +261,4 @@ def launch_lppn(dspec, packed: dict, precision: str, x: torch.Tensor, image: tor
         proj, image, packed["w0"], packed["wh"], packed["bh"], packed["wo"], packed["bo"],
         H, W, Ho, Wo, dspec.out_channels, dspec.frequencies, dspec.layers - 1,
         int(dspec.padding == "circular"), HID=packed["hid"], BLOCK_P=launch["BLOCK_P"], DOT_T=dot_t, PREC=prec,
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"])
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"], **FP_FUSION)
