@@ -381,6 +381,19 @@ def test_a_failed_capture_falls_back_to_plain_launches(monkeypatch):
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, second))
 
 
+def test_a_rollout_never_differentiated_is_freed():
+    """A differentiable rollout whose backward never runs leaves nothing behind (its outputs are not
+    held by its own node's context: a reference cycle through C++ that no collector frees)."""
+    import gc
+    import weakref
+    model, x, _ = _growing_case(16, B=1, H=5, W=6)
+    y = model.rollout(x.clone().requires_grad_(True), 2, every=1, backend="triton")
+    ref = weakref.ref(y)
+    del y
+    gc.collect()
+    assert ref() is None
+
+
 def test_differentiable_rollout_under_torch_compile():
     """Traced by torch.compile (fullgraph), a differentiable fused rollout runs the op step by step
     (the rollout node is not traceable) with the rollout node's gradients."""

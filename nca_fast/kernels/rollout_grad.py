@@ -286,8 +286,10 @@ class _FusedRolloutFn(torch.autograd.Function):
         r.run_forward()
         ctx.plan, ctx.r, ctx.generation, ctx.counters = plan, r, r.generation, (seed, start_step)
         ctx.save_for_backward(x, *packed)
-        if owner is None:  # (fresh buffers: nothing else writes them)
-            return r.out, r.kept
+        if owner is None:  # fresh buffers, returned as they are (and dropped from r: an output held by
+            out, kept = r.out, r.kept  # its own node's context would never be freed without a backward)
+            r.out = r.kept = None
+            return out, kept
         return r.out.clone(), r.kept.clone()  # (the graph's buffers: the next rollout overwrites them)
 
     @staticmethod
