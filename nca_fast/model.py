@@ -38,8 +38,9 @@ class NCA(nn.Module):
     #: arithmetic spreads them, on every backend: to a cell's 3x3 neighbourhood each step.
     check_finite: bool = False
     #: On CUDA, run a differentiable fused rollout's launches as two CUDA graphs (its forward and its
-    #: backward), captured at the first rollout of each shape and kept, with their buffers, until a
-    #: rollout of another shape replaces them (``kernels/rollout_grad.py``). False: launch each kernel.
+    #: backward), captured at the first rollout of each state shape and length and kept, with their
+    #: buffers, until a rollout of another shape replaces them (``kernels/rollout_grad.py``). False:
+    #: launch each kernel.
     cuda_graphs: bool = True
 
     def __init__(self, spec: NCASpec, weights: Optional[Mapping[str, torch.Tensor]] = None, *,

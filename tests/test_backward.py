@@ -298,40 +298,53 @@ def test_16bit_fused_rollout(dtype, rel):
 
 def test_captured_training_rollouts_match_uncaptured(monkeypatch):
     """The CUDA-graph path of differentiable rollouts with a recorder for CUDA graphs: a replay re-runs
-    the recorded launches with allocation forbidden (a graph's pointers are fixed), each shape is
-    captured once, and training iterations (new weights and seeds each) and two interleaved rollouts
-    (two forwards, then both backwards) give the uncaptured path's gradients bit for bit."""
+    the recorded launches with allocation forbidden (a graph's pointers are fixed), each rollout length
+    and segmentation is captured once into buffers that grow without moving, and training iterations
+    (new weights, seeds and lengths) and two interleaved rollouts (two forwards, then both backwards)
+    give the uncaptured path's gradients bit for bit."""
     from nca_fast.kernels import rollout_grad as rg
     recorded = []
 
     class Recorder:
         def __init__(self, fn):
             self.fn = fn
+            self.buffers = None  # the rollout's buffers when it was captured
             recorded.append(self)
 
         def replay(self):
             def refuse(*a, **k):
                 raise AssertionError("a replay allocated")
+            r = rg._GRAPHED[model]
+            assert {t.data_ptr() for t in self.buffers} <= {t.data_ptr() for t in r.tensors()}, "a buffer moved"
             with monkeypatch.context() as m:
                 for name in ("empty", "empty_like", "zeros", "zeros_like", "tensor", "empty_strided"):
                     m.setattr(torch, name, refuse)
                 self.fn()
 
+    real_capture = rg._Rollout.capture
+
+    def capture(self, plan):
+        real_capture(self, plan)
+        for rec in recorded[-2:]:
+            rec.buffers = list(self.tensors())
+
     spec = CASES["growing-replicate-clamps"]
     g = torch.Generator().manual_seed(13)
     model = nf.NCA(spec, init_seed=13).to(DEVICE)
     x = _state(spec, g, B=2, H=6, W=7)
-    w = torch.randn((2,) + tuple(x.shape), generator=g).to(DEVICE)
+    w = torch.randn((3,) + tuple(x.shape), generator=g).to(DEVICE)
 
-    def iteration(k, backward=True):
+    def iteration(k, backward=True):  # rollouts of 4 and 6 steps (checkpointed, or not) share buffers
         xx = x.clone().requires_grad_(True)
-        frames = model.rollout(xx, 4, seed=k, every=2, backend="triton", checkpoint_every=3)
-        loss = (frames.float() * w).sum()
+        frames = model.rollout(xx, 4 + 2 * (k % 2), seed=k, every=2, backend="triton",
+                               checkpoint_every=3 if k == 7 else None)
+        loss = (frames.float() * w[:len(frames)]).sum()
         return (xx, loss) if not backward else (loss.backward(), xx.grad)[1]
 
     def train(captured):
         monkeypatch.setattr(rg, "use_graphs", lambda t: captured)
         monkeypatch.setattr(rg, "cuda_graph", Recorder)
+        monkeypatch.setattr(rg._Rollout, "capture", capture)
         out, m = [], nf.NCA(spec, init_seed=13).to(DEVICE)
         model.load_state_dict(m.state_dict())
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -348,7 +361,7 @@ def test_captured_training_rollouts_match_uncaptured(monkeypatch):
     plain = train(False)
     assert not recorded and rg.held_bytes(model) == 0
     captured = train(True)
-    assert len(recorded) == 2  # one forward and one backward graph for the one shape
+    assert len(recorded) == 6  # a forward and a backward graph for each (steps, segments): 4, 6, 6 in 3
     assert rg.held_bytes(model) >= 8 * x.numel() * 4  # (states, kept states, gradients: counted as free)
     assert all(torch.equal(p, c) for p, c in zip(plain, captured))
 

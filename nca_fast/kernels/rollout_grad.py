@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -69,6 +70,16 @@ class RolloutPlan:
     every: Optional[int]
 
     @property
+    def buffers_key(self) -> tuple:
+        """What the buffers depend on (rollouts that differ only in the rest share them)."""
+        return self.spec, self.cfg, self.precision, self.shape, self.dtype, self.device
+
+    @property
+    def launches_key(self) -> tuple:
+        """What else the launches depend on: one pair of CUDA graphs per value."""
+        return self.steps, self.seg, self.origin, self.every
+
+    @property
     def n_seg(self) -> int:
         return -(-self.steps // self.seg)
 
@@ -86,50 +97,58 @@ class RolloutPlan:
 
 
 class _Rollout:
-    """Every buffer of one differentiable rollout and its launches, which touch nothing else (so that
-    they can be captured in CUDA graphs): the inputs (``ckpts[0]``, the weights, ``ctr``), the states
-    between forward and backward (``ckpts[s]`` the input of segment ``s``, ``inner[i]`` the input of step
-    ``i + 1`` of the segment last run, ``lives[i]`` the alive bytes of its step ``i``; ``y``/``pre`` an
-    alive model's pending form between its step and finalize), the outputs (``out``, ``kept``), the
-    incoming gradients (``g[0]``, ``g_kept``) and the backward's scratch and results."""
+    """Every buffer of differentiable rollouts of one state shape, and their launches, which touch
+    nothing else (so that they can be captured in CUDA graphs): the inputs (``ckpts[0]``, the weights,
+    ``ctr``), the states between forward and backward (``ckpts[s]`` the input of segment ``s``,
+    ``inner[i]`` the input of step ``i + 1`` of the segment last run, ``lives[i]`` the alive bytes of its
+    step ``i``; ``y``/``pre`` an alive model's pending form between its step and finalize), the outputs
+    (``out``, ``kept[j]``), the incoming gradients (``g[0]``, ``g_kept[j]``) and the backward's scratch
+    and results. The per-step lists grow to what the longest rollout needs (appending leaves the
+    tensors that captured graphs point to in place), so rollouts of 64 to 96 steps share one set."""
 
     def __init__(self, plan: RolloutPlan, packed):
-        self.plan = plan
+        self.key = plan.buffers_key
+        self.shape, self.dtype, self.device = plan.shape, plan.dtype, plan.device
         B, _, H, W = plan.shape
-        dev, alive = plan.device, plan.cfg.ALIVE
-
-        def state(dtype=plan.dtype):
-            return torch.empty(plan.shape, dtype=dtype, device=dev, memory_format=torch.channels_last)
-
+        cfg, dev = plan.cfg, plan.device
         dot = dot_dtype(plan.precision)
         self.weights = tuple(torch.empty_like(w) for w in packed)  # fp32 (the backward's)
         self.dot = tuple(torch.empty_like(w, dtype=dot) for w in packed[:3])  # w1, wb, w2 as the forward dots them
         self.ctr = torch.zeros(2, dtype=torch.int64, device=dev)
-        self.ckpts = [state() for _ in range(plan.n_seg)]
-        self.inner = [state() for _ in range(plan.seg - 1)]
-        self.lives = torch.empty(plan.seg, B, H, W, dtype=torch.uint8, device=dev) if alive else None
-        self.y = state() if alive else None
-        self.pre = torch.empty(B, H, W, dtype=torch.uint8, device=dev) if alive else None
-        self.out = state()
-        self.kept = torch.empty((plan.n_kept,) + plan.shape, dtype=plan.dtype, device=dev)
-        self.step_b = max(1, INT32_MAX // check_backward_size(plan.cfg, H, W))  # images per launch
-        self.scratch = backward_buffers(plan.cfg, (min(B, self.step_b),) + plan.shape[1:], dev)
-        self.g = [state(torch.float32) for _ in range(2)]
-        self.g_kept = torch.empty_like(self.kept)
-        cfg = plan.cfg
+        self.ckpts, self.inner, self.lives, self.kept, self.g_kept = [], [], [], [], []
+        self.y = self._state() if cfg.ALIVE else None
+        self.pre = torch.empty(B, H, W, dtype=torch.uint8, device=dev) if cfg.ALIVE else None
+        self.out = self._state()
+        self.step_b = max(1, INT32_MAX // check_backward_size(cfg, H, W))  # images per launch
+        self.scratch = backward_buffers(cfg, (min(B, self.step_b),) + plan.shape[1:], dev)
+        self.g = [self._state(torch.float32) for _ in range(2)]
         split = (2,) if cfg.SPLIT else ()
         self.grads = tuple(torch.empty(split + s, dtype=torch.float32, device=dev)
                            for s in ((cfg.F, cfg.CP, cfg.HP), (16, cfg.HP), (cfg.HP, cfg.CP))) + \
             (torch.empty(cfg.CP, dtype=torch.float32, device=dev),)
-        self.gx = self.g[plan.steps % 2]  # (each step's backward writes the other buffer)
-        self.fwd = self.bwd = None  # the CUDA graphs, once captured
+        self.graphs: "OrderedDict[tuple, tuple]" = OrderedDict()  # launches_key -> (forward, backward) graphs
         self.generation = 0  # forwards run into these buffers (a backward checks its own is the last)
+        self.graphed = False  # whether the last forward replayed a graph
+
+    def _state(self, dtype=None) -> torch.Tensor:
+        return torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device,
+                           memory_format=torch.channels_last)
+
+    def ensure(self, plan: RolloutPlan) -> "_Rollout":
+        """Grow the per-step lists to what ``plan`` needs."""
+        B, _, H, W = self.shape
+        for lst, n, make in ((self.ckpts, plan.n_seg, self._state), (self.inner, plan.seg - 1, self._state),
+                             (self.kept, plan.n_kept, self._state), (self.g_kept, plan.n_kept, self._state),
+                             (self.lives, plan.seg if plan.cfg.ALIVE else 0,
+                              lambda: torch.empty(B, H, W, dtype=torch.uint8, device=self.device))):
+            lst += [make() for _ in range(n - len(lst))]
+        return self
 
     def tensors(self):
         """Every buffer (for memory accounting)."""
         s = self.scratch
-        return [t for t in (*self.weights, *self.dot, self.ctr, *self.ckpts, *self.inner, self.lives, self.y,
-                            self.pre, self.out, self.kept, *self.g, self.g_kept, *self.grads, s.gp, s.part, s.gd)
+        return [t for t in (*self.weights, *self.dot, self.ctr, *self.ckpts, *self.inner, *self.lives, self.y,
+                            self.pre, self.out, *self.kept, *self.g, *self.g_kept, *self.grads, s.gp, s.part, s.gd)
                 if t is not None]
 
     def load(self, x: torch.Tensor, packed, seed: int, start_step: int) -> None:
@@ -139,17 +158,17 @@ class _Rollout:
             dst.copy_(w)
         self.ctr.copy_(counter_tensor(seed, start_step, "cpu"))
 
-    # ---- the launches ------------------------------------------------------------------------
-    def forward(self) -> None:
+    # ---- the launches (of one plan; everything they read and write is a buffer above) -----------
+    def forward(self, plan: RolloutPlan) -> None:
         for d, w in zip(self.dot, self.weights):
             d.copy_(w)
-        for s in range(self.plan.n_seg):
-            self._segment(s, keep=True)
+        for s in range(plan.n_seg):
+            self._segment(plan, s, keep=True)
 
-    def _segment(self, s: int, keep: bool) -> None:
+    def _segment(self, plan: RolloutPlan, s: int, keep: bool) -> None:
         """Segment ``s`` forward from ``ckpts[s]``: its inner states and alive bytes, its last state into
         the next checkpoint (``out`` for the last segment); with ``keep`` the kept states."""
-        plan, cfg, spec = self.plan, self.plan.cfg, self.plan.spec
+        cfg, spec = plan.cfg, plan.spec
         packed = (*self.dot, *self.weights[3:])
         k0, n = plan.segment(s)
         src = self.ckpts[s]
@@ -167,16 +186,17 @@ class _Rollout:
                 self.kept[plan.kept(k)].copy_(dst)
             src = dst
 
-    def backward(self) -> None:
-        """From ``g[0]`` (dL/d out) and ``g_kept``: dL/dx into ``gx``, the weight gradients into ``grads``."""
-        plan, cfg, spec = self.plan, self.plan.cfg, self.plan.spec
+    def backward(self, plan: RolloutPlan) -> None:
+        """From ``g[0]`` (dL/d out) and ``g_kept``: dL/dx into ``gx(plan)``, the weight gradients into
+        ``grads``."""
+        cfg, spec = plan.cfg, plan.spec
         B = plan.shape[0]
         self.scratch.part.zero_()
         cur = 0
         for s in reversed(range(plan.n_seg)):
             k0, n = plan.segment(s)
             if s < plan.n_seg - 1:  # (the last segment's states are still there from the forward)
-                self._segment(s, keep=False)
+                self._segment(plan, s, keep=False)
             for i in reversed(range(n)):
                 k = k0 + i
                 if plan.kept(k) >= 0:
@@ -194,28 +214,42 @@ class _Rollout:
                 cur = 1 - cur
         launch_reduce_partials(cfg, self.scratch.part, out=self.grads)
 
-    def capture(self) -> None:
-        """Record ``forward`` and ``backward`` as CUDA graphs (after a warm-up run of each, which
-        compiles the kernels outside the capture)."""
-        cuda = self.plan.device.type == "cuda"
+    def gx(self, plan: RolloutPlan) -> torch.Tensor:
+        return self.g[plan.steps % 2]  # (each step's backward writes the other buffer)
+
+    def capture(self, plan: RolloutPlan) -> None:
+        """Record ``plan``'s forward and backward as CUDA graphs (after a warm-up run of each, which
+        compiles the kernels outside the capture), keeping the last ``MAX_GRAPHS`` plans' graphs."""
+        cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream() if cuda else None
         if cuda:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            self.forward()
+            self.forward(plan)
             self.g[0].zero_()
-            self.g_kept.zero_()
-            self.backward()
+            for t in self.g_kept:
+                t.zero_()
+            self.backward(plan)
         if cuda:
             torch.cuda.current_stream().wait_stream(stream)
-        self.fwd, self.bwd = cuda_graph(self.forward), cuda_graph(self.backward)
+        self.graphs[plan.launches_key] = (cuda_graph(lambda: self.forward(plan)),
+                                          cuda_graph(lambda: self.backward(plan)))
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
 
-    def run_forward(self) -> None:
-        self.fwd.replay() if self.fwd is not None else self.forward()
+    def run_forward(self, plan: RolloutPlan) -> None:
+        graphs = self.graphs.get(plan.launches_key)
+        if graphs is not None:
+            self.graphs.move_to_end(plan.launches_key)
+            graphs[0].replay()
+        else:
+            self.forward(plan)
         self.generation += 1
+        self.graphed = graphs is not None
 
-    def run_backward(self) -> None:
-        self.bwd.replay() if self.bwd is not None else self.backward()
+    def run_backward(self, plan: RolloutPlan) -> None:
+        graphs = self.graphs.get(plan.launches_key)
+        graphs[1].replay() if graphs is not None else self.backward(plan)
 
 
 def cuda_graph(fn):
@@ -231,7 +265,9 @@ def use_graphs(x: torch.Tensor) -> bool:
     return x.is_cuda and not interpreting() and not torch.cuda.is_current_stream_capturing()
 
 
-# Captured rollouts, one per owner (a model): a training loop runs one shape; a new one replaces it.
+# Captured rollouts, one buffer set per owner (a model): a training loop runs one state shape (a new one
+# replaces it) and a few rollout lengths (Distill: 64 to 96 steps), each captured once.
+MAX_GRAPHS = 64  # (forward, backward) graph pairs kept per owner, least recently used dropped
 _GRAPHED: "weakref.WeakKeyDictionary[object, _Rollout]" = weakref.WeakKeyDictionary()
 _UNCAPTURABLE: "weakref.WeakSet[object]" = weakref.WeakSet()  # owners whose capture failed once
 
@@ -239,11 +275,11 @@ _UNCAPTURABLE: "weakref.WeakSet[object]" = weakref.WeakSet()  # owners whose cap
 def captured(owner) -> bool:
     """Whether ``owner``'s last differentiable rollout ran as CUDA graphs."""
     r = _GRAPHED.get(owner)
-    return r is not None and r.fwd is not None
+    return r is not None and r.graphed
 
 
 def held_bytes(owner) -> int:
-    """Device memory that ``owner``'s captured rollout holds between rollouts (reused, or freed, by its
+    """Device memory that ``owner``'s captured rollouts hold between rollouts (reused, or freed, by its
     next one: what a free-memory estimate should count as free)."""
     r = _GRAPHED.get(owner)
     if r is None:
@@ -252,14 +288,14 @@ def held_bytes(owner) -> int:
 
 
 def _rollout_for(plan: RolloutPlan, owner, packed) -> _Rollout:
-    """The owner's captured rollout of this plan (captured now if it has none), or fresh buffers."""
+    """The owner's buffers for this plan's state shape (replacing those of another), or fresh ones."""
     if owner is None:
-        return _Rollout(plan, packed)
+        return _Rollout(plan, packed).ensure(plan)
     r = _GRAPHED.get(owner)
-    if r is None or r.plan != plan:
+    if r is None or r.key != plan.buffers_key:
         _GRAPHED.pop(owner, None)  # (its buffers go before the new ones are allocated)
         r = _GRAPHED[owner] = _Rollout(plan, packed)
-    return r
+    return r.ensure(plan)
 
 
 class _FusedRolloutFn(torch.autograd.Function):
@@ -271,9 +307,9 @@ class _FusedRolloutFn(torch.autograd.Function):
     def forward(ctx, plan: RolloutPlan, owner, seed: int, start_step: int, x, *packed):
         r = _rollout_for(plan, owner, packed)
         r.load(x, packed, seed, start_step)
-        if owner is not None and r.fwd is None:
+        if owner is not None and plan.launches_key not in r.graphs:
             try:
-                r.capture()
+                r.capture(plan)
             except RuntimeError as e:  # (CUDA's errors: plain launches from now on, said once per model)
                 _GRAPHED.pop(owner, None)
                 _UNCAPTURABLE.add(owner)
@@ -281,31 +317,34 @@ class _FusedRolloutFn(torch.autograd.Function):
                               "this model launches its kernels one by one from now on", RuntimeWarning,
                               stacklevel=2)
                 owner = None
-                r = _Rollout(plan, packed)
+                r = _Rollout(plan, packed).ensure(plan)
                 r.load(x, packed, seed, start_step)
-        r.run_forward()
+        r.run_forward(plan)
         ctx.plan, ctx.r, ctx.generation, ctx.counters = plan, r, r.generation, (seed, start_step)
         ctx.save_for_backward(x, *packed)
+        kept = (torch.stack(r.kept[:plan.n_kept]) if plan.n_kept else
+                torch.empty((0,) + plan.shape, dtype=plan.dtype, device=plan.device))
         if owner is None:  # fresh buffers, returned as they are (and dropped from r: an output held by
-            out, kept = r.out, r.kept  # its own node's context would never be freed without a backward)
-            r.out = r.kept = None
+            out, r.out = r.out, None  # its own node's context would never be freed without a backward)
             return out, kept
-        return r.out.clone(), r.kept.clone()  # (the graph's buffers: the next rollout overwrites them)
+        return r.out.clone(), kept  # (the graph's buffers: the next rollout overwrites them)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_out, g_kept):
+        plan = ctx.plan
         x, *packed = ctx.saved_tensors
-        r = ctx.r if ctx.r is not None else _Rollout(ctx.plan, packed)  # (a second backward, retain_graph)
+        r = ctx.r if ctx.r is not None else _Rollout(plan, packed).ensure(plan)  # (a 2nd backward: retain_graph)
         if ctx.r is None or r.generation != ctx.generation:  # a later rollout overwrote the states
             r.load(x, packed, *ctx.counters)
-            r.run_forward()
+            r.run_forward(plan)
         r.g[0].copy_(g_out)
-        r.g_kept.copy_(g_kept)
-        r.run_backward()
+        for j in range(plan.n_kept):
+            r.g_kept[j].copy_(g_kept[j])
+        r.run_backward(plan)
         r.generation += 1  # (the backward's recomputation overwrote inner states)
         ctx.r = None  # (buffers not captured go now, not when the autograd graph does)
-        gx = r.gx.to(x.dtype, copy=True)
+        gx = r.gx(plan).to(x.dtype, copy=True)
         gw1, gwb, gw2, gb2 = (g.to(w.dtype, copy=True) for g, w in zip(r.grads, packed))
         return None, None, None, None, gx, gw1, gwb, gw2, gb2, None
 
@@ -317,7 +356,7 @@ def fused_rollout_grad(spec: NCASpec, cfg: StepConfig, precision: str, packed, x
     (channels-last) and the states after every ``every``-th step stacked ``[steps // every, B, C, H, W]``
     (empty without ``every``); ``packed``: the fp32 step weights under autograd. Checkpointed in
     segments of ``seg`` steps (``seg >= steps``: nothing recomputed). With an ``owner`` (the model) on
-    CUDA its launches run as CUDA graphs captured at the first call of each shape."""
+    CUDA its launches run as CUDA graphs, captured at the first rollout of each shape and length."""
     plan = RolloutPlan(spec, cfg, precision, tuple(x.shape), x.dtype, x.device, int(steps),
                        max(1, min(int(seg), int(steps))), (int(origin[0]), int(origin[1])), every)
     owner = owner if owner is not None and owner not in _UNCAPTURABLE and use_graphs(x) else None
