@@ -14,9 +14,10 @@ runs the steps' backward kernels in reverse:
 - per step it launches the backward (one pass, or the update and MLP passes of clamped models) and the
   transposed perception, against the forward's step (and finalize for alive models).
 
-On CUDA the forward's and the backward's launches are captured once per shape as two CUDA graphs
-(``_Rollout`` owns every buffer they touch; a call copies its input, weights and counters in and its
-results out), so a training iteration costs two graph launches instead of ~5 kernel launches a step.
+On CUDA the forward's and the backward's launches are captured as two CUDA graphs once per state
+shape and rollout length (``_Rollout`` owns every buffer they touch, shared by the lengths; a call
+copies its input, weights and counters in and its results out), so a training iteration costs two
+graph launches instead of ~5 kernel launches a step.
 A rollout whose buffers a later rollout of the same shape has overwritten (two forwards before a
 backward) replays its forward again before its backward: the same kernels on the same inputs, so the
 same states.
