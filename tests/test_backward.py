@@ -407,6 +407,22 @@ def test_a_rollout_never_differentiated_is_freed():
     assert ref() is None
 
 
+def test_a_rollout_beyond_memory_is_refused_before_it_starts(monkeypatch):
+    """A differentiable fused rollout whose buffers cannot fit says so before any step runs."""
+    from nca_fast.kernels import rollout_grad as rg
+    from nca_fast.kernels.config import step_config
+    from nca_fast.utils import checks
+    model, x, _ = _growing_case(17, B=2, H=6, W=7)
+    plan = rg.RolloutPlan(model.spec, step_config(model.spec, "tf32"), "tf32", tuple(x.shape), x.dtype,
+                          x.device, 9, 3, (0, 0), None)
+    need = rg.rollout_bytes(plan)
+    assert need >= (3 + 2 + 1) * x.numel() * 4  # (3 checkpoints, 2 inner states, the output at least)
+    monkeypatch.setattr(checks, "_available_bytes", lambda device: need // 2)
+    monkeypatch.setattr(rg, "launch_step", None)  # (nothing may run)
+    with pytest.raises(MemoryError, match="a differentiable 9-step rollout of 2x16x6x7 float32 states"):
+        model.rollout(x.clone().requires_grad_(True), 9, backend="triton", checkpoint_every=3)
+
+
 def test_differentiable_rollout_under_torch_compile():
     """Traced by torch.compile (fullgraph), a differentiable fused rollout runs the op step by step
     (the rollout node is not traceable) with the rollout node's gradients."""

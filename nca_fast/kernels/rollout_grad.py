@@ -40,6 +40,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..spec import NCASpec
+from ..utils.checks import check_memory
 from .config import INT32_MAX, StepConfig, interpreting
 from .launch import (
     backward_buffers,
@@ -350,6 +351,19 @@ class _FusedRolloutFn(torch.autograd.Function):
         return None, None, None, None, gx, gw1, gwb, gw2, gb2, None
 
 
+def rollout_bytes(plan: RolloutPlan) -> int:
+    """Device memory a differentiable rollout of ``plan`` holds (its ``_Rollout``, weights aside)."""
+    B, C, H, W = plan.shape
+    cells, cfg = B * H * W, plan.cfg
+    state = cells * C * torch.empty((), dtype=plan.dtype).element_size()
+    states = plan.n_seg + plan.seg - 1 + 1 + 2 * plan.n_kept + (1 if cfg.ALIVE else 0)
+    alive = (plan.seg + 1) * cells if cfg.ALIVE else 0
+    slice_cells = min(B, max(1, INT32_MAX // check_backward_size(cfg, H, W))) * H * W
+    n_chunks = -(-cfg.HP // cfg.backward_chunk())
+    scratch = slice_cells * 4 * (n_chunks * cfg.F * cfg.CP + (cfg.CP if 1 in cfg.backward_passes() else 0))
+    return states * state + alive + 2 * cells * C * 4 + scratch
+
+
 def fused_rollout_grad(spec: NCASpec, cfg: StepConfig, precision: str, packed, x: torch.Tensor, steps: int, *,
                        seed: int, start_step: int, origin: Tuple[int, int], every: Optional[int], seg: int,
                        owner=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -361,4 +375,8 @@ def fused_rollout_grad(spec: NCASpec, cfg: StepConfig, precision: str, packed, x
     plan = RolloutPlan(spec, cfg, precision, tuple(x.shape), x.dtype, x.device, int(steps),
                        max(1, min(int(seg), int(steps))), (int(origin[0]), int(origin[1])), every)
     owner = owner if owner is not None and owner not in _UNCAPTURABLE and use_graphs(x) else None
+    B, C, H, W = plan.shape
+    check_memory(rollout_bytes(plan) - (held_bytes(owner) if owner is not None else 0), x.device,
+                 f"a differentiable {steps}-step rollout of {B}x{C}x{H}x{W} {str(x.dtype).replace('torch.', '')} "
+                 f"states (checkpoint segments of {plan.seg} steps)")
     return _FusedRolloutFn.apply(plan, owner, int(seed), int(start_step), x, *packed)
