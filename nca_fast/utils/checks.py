@@ -85,8 +85,9 @@ def register_weights(module: nn.Module, shapes: Mapping[str, tuple], weights, wh
 
 def _available_bytes(device: torch.device) -> Optional[int]:
     """Memory a new allocation can take on ``device`` (None when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # the driver's free memory and the blocks PyTorch's allocator holds unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
