@@ -158,8 +158,12 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, gy,
     ``packed``: fp32 weights."""
     _check_channels_last(x, g, gy)
     B, _, H, W = x.shape
-    if B > bufs.batch or g.dtype != torch.float32 or gy.dtype != torch.float32 or g.data_ptr() == gy.data_ptr():
-        raise ValueError("launch_step_backward: scratch for fewer images, a 16-bit gradient, or gy in place of g")
+    if B > bufs.batch:
+        raise ValueError(f"launch_step_backward: {B} images, scratch for {bufs.batch}")
+    if g.dtype != torch.float32 or gy.dtype != torch.float32:
+        raise ValueError(f"launch_step_backward takes fp32 gradients, got {g.dtype} and {gy.dtype}")
+    if g.data_ptr() == gy.data_ptr():  # (a stream's chunk programs read g after its chunk 0 wrote gy)
+        raise ValueError("launch_step_backward: gy may not be g")
     n = B * H * W
     w1, wb, w2, b2, fscale = packed
     n_tiles = -(-n // BACKWARD_BW)
