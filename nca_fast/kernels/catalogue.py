@@ -254,7 +254,7 @@ def _perceive_vjp(model, spec) -> List[KernelConfig]:
         sig = {**{n: "*fp32" for n in ("gp", "taps", "fscale", "gx")}, **{n: "i32" for n in ("H", "W", "n_items")},
                **{n: "constexpr" for n in ce}}
         meta = dict(kernel="perceive_vjp", model=model, dtype="fp32", phase="backward", interior=False,
-                    cells_per_tile=PERCEIVE_VJP_BW, loop_trips=9, head=False, mask=False)  # (its loop: the taps)
+                    cells_per_tile=PERCEIVE_VJP_BW, head=False, mask=False)
         configs.append(KernelConfig(f"backward/{model}/perceive_vjp/{n_chunks}", step_backward.perceive_vjp_kernel,
                                     sig, ce, num_warps=4, num_stages=1, note=f"{n_chunks} slabs", meta=meta))
     return configs

@@ -197,8 +197,9 @@ def filter_scales(spec: NCASpec) -> Tuple[float, ...]:
 
 def perceive_vjp_constexprs(cfg: StepConfig, n_chunks: int) -> dict:
     """The transposed perception's constexprs for ``cfg``'s model and ``n_chunks`` g_p slabs."""
+    tapmask = sum(1 << (k * cfg.F + f) for f in range(cfg.F) for k in range(9) if cfg.TAPS[f * 9 + k] != 0)
     return dict(C=cfg.C, CP=cfg.CP, F=cfg.F, NEEDS=sum(int(b) << k for k, b in enumerate(cfg.NEEDS)),
-                PAD=cfg.PAD, NCH=n_chunks, BW=PERCEIVE_VJP_BW)
+                PAD=cfg.PAD, NCH=n_chunks, BW=PERCEIVE_VJP_BW, TAPMASK=tapmask)
 
 
 def hidden_chunks(hidden: int, CP: int, precision: str) -> Tuple[int, int]:
