@@ -394,6 +394,25 @@ def test_a_failed_capture_falls_back_to_plain_launches(monkeypatch):
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, second))
 
 
+def test_a_second_backward_through_a_rollout_node(monkeypatch):
+    """``backward(retain_graph=True)`` twice: the second runs the rollout's forward again (its buffers
+    went with the first) and gives the same gradients; with the graphs' shared buffers too."""
+    from nca_fast.kernels import rollout_grad as rg
+    model, x, _ = _growing_case(18, B=1, H=5, W=6)
+    for captured in (False, True):
+        monkeypatch.setattr(rg, "use_graphs", lambda t, c=captured: c)
+        monkeypatch.setattr(rg, "cuda_graph", lambda fn: type("G", (), {"replay": staticmethod(fn)})())
+        xx = x.clone().requires_grad_(True)
+        loss = model.rollout(xx, 3, seed=5, backend="triton", checkpoint_every=2)[:, :4].square().sum()
+        grads = []
+        for _ in range(2):
+            model.zero_grad()
+            xx.grad = None
+            loss.backward(retain_graph=True)
+            grads.append([xx.grad] + [p.grad.clone() for p in model.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_a_rollout_never_differentiated_is_freed():
     """A differentiable rollout whose backward never runs leaves nothing behind (its outputs are not
     held by its own node's context: a reference cycle through C++ that no collector frees)."""
