@@ -182,15 +182,22 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, gy,
     return gp
 
 
-def launch_reduce_partials(cfg: StepConfig, part: torch.Tensor, out=None):
-    """The weight gradients (gW1, gW1's bias rows, gW2, gb2) in the packed weights' layouts, fp32 (into
-    ``out``'s four tensors when given): the rows of ``part`` added in a fixed order."""
+def weight_gradient_buffers(cfg: StepConfig, device) -> Tuple[torch.Tensor, ...]:
+    """fp32 buffers for the weight gradients in the packed weights' layouts: gW1 [(2,) F, CP, HP], its
+    bias rows [(2,) 16, HP], gW2 [(2,) HP, CP], gb2 [CP] (the leading 2 with SPLIT)."""
     F, CP, HP = cfg.F, cfg.CP, cfg.HP
     split = (2,) if cfg.SPLIT else ()
-    grads = out if out is not None else (
-        tuple(torch.empty(split + shape, dtype=torch.float32, device=part.device)
-              for shape in ((F, CP, HP), (16, HP), (HP, CP))) + (torch.empty(CP, dtype=torch.float32,
-                                                                            device=part.device),))
+    return tuple(torch.empty(split + shape, dtype=torch.float32, device=device)
+                 for shape in ((F, CP, HP), (16, HP), (HP, CP))) + (torch.empty(CP, dtype=torch.float32,
+                                                                               device=device),)
+
+
+def launch_reduce_partials(cfg: StepConfig, part: torch.Tensor, out=None):
+    """The weight gradients (gW1, gW1's bias rows, gW2, gb2) in the packed weights' layouts, fp32 (into
+    ``out``, buffers from ``weight_gradient_buffers``, when given): the rows of ``part`` added in a
+    fixed order."""
+    F, CP, HP = cfg.F, cfg.CP, cfg.HP
+    grads = out if out is not None else weight_gradient_buffers(cfg, part.device)
     npart = part.shape[1]
     reduce_partials_kernel[(-(-npart // REDUCE_BLOCK),)](part, *grads, part.shape[0], F=F, CP=CP, HP=HP,
                                                         SPLIT=cfg.SPLIT, BLOCK=REDUCE_BLOCK, num_warps=4, num_stages=1,

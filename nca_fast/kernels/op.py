@@ -90,7 +90,7 @@ def fused_step_backward_op(x: torch.Tensor, life: torch.Tensor, g: torch.Tensor,
     xc = x.contiguous(memory_format=torch.channels_last)
     gc = g.to(dtype=torch.float32, memory_format=torch.channels_last)  # (the kernels take fp32 gradients)
     B, _, H, W = x.shape
-    step_b = max(1, INT32_MAX // check_backward_size(cfg, H, W))  # images per launch (one unless huge)
+    step_b = images_per_launch(cfg, H, W)
     bufs = backward_buffers(cfg, (min(B, step_b),) + tuple(x.shape[1:]), x.device)
     gx = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
     for b0 in range(0, B, step_b):
@@ -113,6 +113,11 @@ def check_backward_size(cfg, H: int, W: int) -> int:
         raise ValueError(f"the fused backward indexes {cfg.F}x{cfg.CP} perception gradients per cell in 32 bits: "
                          f"a {H}x{W} image needs {per_image} > 2**31 - 1 (train on smaller grids or sharded)")
     return per_image
+
+
+def images_per_launch(cfg, H: int, W: int) -> int:
+    """Images of H x W a launch of the fused backward takes (the whole batch unless it is huge)."""
+    return max(1, INT32_MAX // check_backward_size(cfg, H, W))
 
 
 @fused_step_backward_op.register_fake

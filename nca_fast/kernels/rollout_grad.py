@@ -41,7 +41,7 @@ import torch
 
 from ..spec import NCASpec
 from ..utils.checks import check_memory
-from .config import INT32_MAX, StepConfig, interpreting
+from .config import StepConfig, interpreting
 from .launch import (
     backward_buffers,
     counter_tensor,
@@ -50,8 +50,9 @@ from .launch import (
     launch_reduce_partials,
     launch_step,
     launch_step_backward,
+    weight_gradient_buffers,
 )
-from .op import check_backward_size
+from .op import images_per_launch
 from .pack import dot_dtype
 
 
@@ -121,13 +122,10 @@ class _Rollout:
         self.y = self._state() if cfg.ALIVE else None
         self.pre = torch.empty(B, H, W, dtype=torch.uint8, device=dev) if cfg.ALIVE else None
         self.out = self._state()
-        self.step_b = max(1, INT32_MAX // check_backward_size(cfg, H, W))  # images per launch
+        self.step_b = images_per_launch(cfg, H, W)
         self.scratch = backward_buffers(cfg, (min(B, self.step_b),) + plan.shape[1:], dev)
         self.g = [self._state(torch.float32) for _ in range(2)]
-        split = (2,) if cfg.SPLIT else ()
-        self.grads = tuple(torch.empty(split + s, dtype=torch.float32, device=dev)
-                           for s in ((cfg.F, cfg.CP, cfg.HP), (16, cfg.HP), (cfg.HP, cfg.CP))) + \
-            (torch.empty(cfg.CP, dtype=torch.float32, device=dev),)
+        self.grads = weight_gradient_buffers(cfg, dev)
         self.graphs: "OrderedDict[tuple, tuple]" = OrderedDict()  # launches_key -> (forward, backward) graphs
         self.generation = 0  # forwards run into these buffers (a backward checks its own is the last)
         self.graphed = False  # whether the last forward replayed a graph
@@ -319,7 +317,7 @@ class _FusedRolloutFn(torch.autograd.Function):
                               "this model launches its kernels one by one from now on", RuntimeWarning,
                               stacklevel=2)
                 owner = None
-                r = _Rollout(plan, packed).ensure(plan)
+                r = _rollout_for(plan, None, packed)
                 r.load(x, packed, seed, start_step)
         r.run_forward(plan)
         ctx.plan, ctx.r, ctx.generation, ctx.counters = plan, r, r.generation, (seed, start_step)
@@ -336,7 +334,7 @@ class _FusedRolloutFn(torch.autograd.Function):
     def backward(ctx, g_out, g_kept):
         plan = ctx.plan
         x, *packed = ctx.saved_tensors
-        r = ctx.r if ctx.r is not None else _Rollout(plan, packed).ensure(plan)  # (a 2nd backward: retain_graph)
+        r = ctx.r if ctx.r is not None else _rollout_for(plan, None, packed)  # (a 2nd backward: retain_graph)
         if ctx.r is None or r.generation != ctx.generation:  # a later rollout overwrote the states
             r.load(x, packed, *ctx.counters)
             r.run_forward(plan)
@@ -358,7 +356,7 @@ def rollout_bytes(plan: RolloutPlan) -> int:
     state = cells * C * torch.empty((), dtype=plan.dtype).element_size()
     states = plan.n_seg + plan.seg - 1 + 1 + 2 * plan.n_kept + (1 if cfg.ALIVE else 0)
     alive = (plan.seg + 1) * cells if cfg.ALIVE else 0
-    slice_cells = min(B, max(1, INT32_MAX // check_backward_size(cfg, H, W))) * H * W
+    slice_cells = min(B, images_per_launch(cfg, H, W)) * H * W
     n_chunks = -(-cfg.HP // cfg.backward_chunk())
     scratch = slice_cells * 4 * (n_chunks * cfg.F * cfg.CP + (cfg.CP if 1 in cfg.backward_passes() else 0))
     return states * state + alive + 2 * cells * C * 4 + scratch
