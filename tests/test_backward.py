@@ -413,6 +413,26 @@ def test_a_second_backward_through_a_rollout_node(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+def test_backward_launcher_refuses_what_its_kernel_cannot_take():
+    """``launch_step_backward`` names the problem before launching: more images than its scratch, a
+    16-bit gradient, and gy in place of g (a stream's chunk programs read g after chunk 0 wrote gy)."""
+    from nca_fast.kernels import launch
+    from nca_fast.kernels.config import step_config
+    model, x, _ = _growing_case(19, B=2, H=4, W=5)
+    cfg = step_config(model.spec, "tf32")
+    x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.zeros_like(x)
+    bufs = launch.backward_buffers(cfg, (1,) + tuple(x.shape[1:]), x.device)
+    weights = model.packed_weights(x.dtype, grad=True)
+    ctr = launch.counter_tensor(0, 0, x.device)
+    for args, match in (((x, g, torch.zeros_like(g), bufs), "2 images, scratch for 1"),
+                        ((x[:1], g[:1].half(), torch.zeros_like(g[:1]), bufs), "takes fp32 gradients"),
+                        ((x[:1], g[:1], g[:1], bufs), "gy may not be g")):
+        xx, gg, gy, b = args
+        with pytest.raises(ValueError, match=match):
+            launch.launch_step_backward(cfg, model.spec, weights, xx, None, gg, gy, b, ctr, fire_rate=0.5)
+
+
 def test_a_rollout_never_differentiated_is_freed():
     """A differentiable rollout whose backward never runs leaves nothing behind (its outputs are not
     held by its own node's context: a reference cycle through C++ that no collector frees)."""
