@@ -9,7 +9,8 @@ float64 reference (relative error), update masks bit-identical, a 50-step rollou
 reference eager, torch.compile of the reference, and the fused rollout step and single step in fp32
 (TF32 MLP) and fp16, growing and texture models, at 1024^2, 2048^2 and 4096^2, with cell-updates/s,
 peak memory, the fraction of the memory floor (bytes per cell-update / measured copy bandwidth) and
-how long each first call (compilation) took; training: the fused backward's gradients against the
+how long each first call (compilation) took; the interior tiles' opt-in loads (prefetch, tma) against
+the plain kernel (growing, 2048^2); training: the fused backward's gradients against the
 reference (and bit-identical run to run), a differentiable rollout's (CUDA-graphed, against its plain
 launches and the reference) and one Distill growing training iteration timed for the reference,
 torch.compile and the fused path. Only what is checked or timed is compiled.
@@ -39,7 +40,8 @@ from nca_fast import reference, rng  # noqa: E402
 from nca_fast.bench import timing  # noqa: E402
 from nca_fast.bench.train import run_train, train_table  # noqa: E402
 from nca_fast.decoders import build_decoder, decode, lppn_spec, pixel_shuffle_spec  # noqa: E402
-from nca_fast.kernels.config import bytes_per_cell_update  # noqa: E402
+from nca_fast.kernels import launch  # noqa: E402
+from nca_fast.kernels.config import INTERIOR_LOADS, bytes_per_cell_update  # noqa: E402
 from nca_fast.kernels.rollout_grad import captured  # noqa: E402
 from nca_fast.precision import TOLERANCE, relative_error  # noqa: E402
 from nca_fast.utils.files import atomic_write_bytes  # noqa: E402
@@ -50,6 +52,7 @@ CORRECT_GRID = (257, 131) if not DRY else (9, 37)
 MASK_GRID = (1031, 517) if not DRY else (13, 21)
 ROLLOUT = (96, 50) if not DRY else (12, 3)
 DECODE_GRID = (270, 480) if not DRY else (6, 10)
+LOADS_GRID = (2048, 2048) if not DRY else (7, 71)  # (the dry run's: 2 interior tiles a row)
 
 
 def sync():
@@ -181,6 +184,48 @@ def throughput(report, sizes, steps):
 
 
 @torch.no_grad()
+def interior_loads(report, steps):
+    """The interior tiles' loads (``NCA_FAST_INTERIOR_LOADS``: plain, prefetch, tma) side by side: a
+    growing-model rollout on LOADS_GRID per state dtype, each against the plain kernel's result (the
+    same arithmetic: expected bit for bit), and whether the tensor descriptor was taken. Decides the
+    default: ``nca-fast kernels`` shows the copies cost instructions and barriers, only a GPU shows
+    whether the overlap pays for them."""
+    model = nf.NCA(nf.growing_spec(), init_seed=0).to(DEV).requires_grad_(False)
+    model.fp32_matmul = "tf32"
+    rows = []
+    before = os.environ.get("NCA_FAST_INTERIOR_LOADS")
+    try:
+        for dtype, tag in ((torch.float32, "tf32"), (torch.float16, "fp16")):
+            x = grown_state(model, 1, *LOADS_GRID, dtype).contiguous(memory_format=torch.channels_last)
+            plain = None
+            for loads in INTERIOR_LOADS:
+                os.environ["NCA_FAST_INTERIOR_LOADS"] = loads
+                roll = model.fused_rollout(x.shape, dtype, steps=steps)  # (reads the setting once)
+                fn = lambda: roll(x, seed=0)
+                compile_s = _first_call(fn)
+                out = roll(x, seed=0).clone()
+                plain = out if plain is None else plain
+                med, lo, hi = timed(fn)
+                cells = x.shape[2] * x.shape[3] * steps
+                rows.append({"loads": loads, "dtype": tag, "grid": f"{x.shape[3]}x{x.shape[2]}",
+                             "cell_updates_per_s": cells / med, "s_per_step": med / steps,
+                             "tma_used": launch.tma_descriptor(roll.cfg, x) is not None,
+                             "bit_identical_to_plain": bool(torch.equal(out, plain)),
+                             "rel_diff_to_plain": relative_error(out.double(), plain.double()),
+                             "compile_s": max(0.0, compile_s - med)})
+                print(rows[-1], flush=True)
+    finally:
+        if before is None:
+            os.environ.pop("NCA_FAST_INTERIOR_LOADS", None)
+        else:
+            os.environ["NCA_FAST_INTERIOR_LOADS"] = before
+    for r in rows:
+        base = next(q for q in rows if q["dtype"] == r["dtype"] and q["loads"] == "plain")
+        r["speedup_vs_plain"] = base["s_per_step"] / r["s_per_step"]
+    report["interior_loads"] = rows
+
+
+@torch.no_grad()
 def decoders(report):
     """Issue-5 goals: 3840x2160 frames from a 480x270 grid (scale 8) at >= 1000 frames/s including one
     NCA step per frame (LPPN, 3 sine layers of 32), and step+pixel-shuffle <= 1.2x a plain step."""
@@ -274,6 +319,10 @@ def failures(report) -> list:
         if not r["grad_rel_error"] <= 10 * TOLERANCE[r["precision"]] or not r["bit_identical"]:
             out.append(f"backward {r['model']}/{r['precision']}: gradient rel. error {r['grad_rel_error']:.2e}, "
                        f"bit-identical {r['bit_identical']}")
+    for r in report.get("interior_loads", []):
+        if not r["rel_diff_to_plain"] <= TOLERANCE[r["dtype"]]:
+            out.append(f"interior loads {r['loads']} ({r['dtype']}): rel. difference to the plain kernel "
+                       f"{r['rel_diff_to_plain']:.2e}")
     rg = report.get("rollout_grad")
     if rg and not (rg["rel_error"] <= 80 * TOLERANCE["ieee"] and rg["bit_identical"] and rg["graphs_equal_launches"]
                    and rg["captured"]):
@@ -304,6 +353,15 @@ def markdown(report) -> str:
         lines.append(f"| {r['model']} | {r['provider']} | {r['size']}² | {r['cell_updates_per_s'] / 1e9:.3f} | "
                      f"{r['s_per_step'] * 1e3:.3f} | {sp} | {r['fraction_of_memory_floor']:.2f} | "
                      f"{r['peak_memory_MB']:.0f} | {r['compile_s']:.1f} |")
+    if report.get("interior_loads"):
+        r0 = report["interior_loads"][0]
+        lines += ["", f"## Interior loads (growing rollout step, {r0['grid']}; NCA_FAST_INTERIOR_LOADS)", "",
+                  "| loads | state | G cell-updates/s | vs plain | TMA used | bit-identical to plain | first call s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['loads']} | {r['dtype']} | {r['cell_updates_per_s'] / 1e9:.3f} | "
+                  f"{r['speedup_vs_plain']:.2f}x | {r['tma_used']} | {r['bit_identical_to_plain']} | "
+                  f"{r['compile_s']:.1f} |"
+                  for r in report["interior_loads"]]
     if report.get("decoders"):
         r0 = report["decoders"][0]
         lines += ["", f"## High-resolution output (texture model, {r0['grid']} grid -> {r0['output']})", "",
@@ -349,6 +407,7 @@ def main():
         sizes = [16] if DRY else [256, 1024] if args.quick else [1024, 2048, 4096]
         decoders(report)
         throughput(report, sizes, steps=2 if DRY else 10)
+        interior_loads(report, steps=2 if DRY else 10)
         training(report)
     except Exception as e:  # keep what was measured
         report["error"] = f"{type(e).__name__}: {e}"

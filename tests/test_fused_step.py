@@ -128,6 +128,34 @@ def test_interior_and_border_kernels_together(padding, model_name):
                                    model.rollout(x, 3, seed=5, backend="reference"), atol=3e-5, rtol=3e-5)
 
 
+@pytest.mark.parametrize("loads", ["prefetch", "tma"])
+@pytest.mark.parametrize("model_name, dtype", [("growing", torch.float32), ("growing", torch.float16),
+                                               ("texture", torch.float32), ("texture", torch.float16)])
+def test_interior_loads(monkeypatch, loads, model_name, dtype):
+    """The opt-in interior loads (NCA_FAST_INTERIOR_LOADS) give the plain kernel's rollout bit for bit
+    (the same values reach the same arithmetic), into NaN-poisoned buffers; "tma" copies through a
+    tensor descriptor where the strides allow it (12 fp16 channels are 24 B: plain loads)."""
+    g = torch.Generator().manual_seed(29)
+    spec = (nf.growing_spec if model_name == "growing" else nf.texture_spec)(padding="circular")
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=2, H=7, W=71).to(dtype)
+    want = model.fused_rollout(x.shape, dtype, steps=3)(x, seed=5).clone()
+    monkeypatch.setenv("NCA_FAST_INTERIOR_LOADS", loads)
+    descs = []
+    make = launch.tma_descriptor
+    monkeypatch.setattr(launch, "tma_descriptor", lambda cfg, src: descs.append(make(cfg, src)) or descs[-1])
+    r = model.fused_rollout(x.shape, dtype, steps=3)
+    assert r.cfg.LOADS == loads
+    for b in r.bufs:
+        b.fill_(float("nan"))
+    torch.testing.assert_close(r(x, seed=5), want, atol=0, rtol=0)
+    tma = loads == "tma" and (model_name == "growing" or dtype == torch.float32)
+    assert len(descs) == 3 and all((d is not None) == tma for d in descs), descs
+    monkeypatch.setenv("NCA_FAST_INTERIOR_LOADS", "warp")
+    with pytest.raises(ValueError, match="NCA_FAST_INTERIOR_LOADS must be one of"):
+        model.fused_rollout(x.shape, dtype, steps=1)
+
+
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 3e-5, 3e-5), (torch.float16, 2e-2, 2e-2)])
 def test_chunked_mlp(dtype, atol, rtol):
     """40 channels x 200 hidden units: the perception in channel chunks of 16 (the K loop of layer 1)

@@ -103,10 +103,11 @@ def test_dump_writes_cubins_and_configs(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     configs = json.loads((tmp_path / "configs.json").read_text())
-    assert {c["name"] for c in configs} == {"step/growing-16x128/fp16/interior",
-                                            "step/growing-16x128/fp16/interior/single"}
+    base = "step/growing-16x128/fp16/interior"
+    assert {c["name"] for c in configs} == {base, f"{base}/single", f"{base}/prefetch", f"{base}/tma"}
     for c in configs:
         assert c["kernel"] == "step" and c["model"] == "growing-16x128" and c["dtype"] == "fp16"
+        assert c["loads"] == (c["name"].rsplit("/", 1)[1] if c["name"].endswith(("prefetch", "tma")) else "plain")
         assert c["interior"] is True and c["phase"] in ("rollout", "single")
         assert c["num_warps"] == 4 and c["cells_per_tile"] == 64 and c["shared_bytes"] > 0
         assert (tmp_path / c["cubin"]).read_bytes()[:4] == b"\x7fELF"

@@ -68,7 +68,7 @@ def run(args) -> int:
     targets = args.target or list(TARGETS)
     all_cfgs = catalogue.compile_configs()
     configs = [(i, c) for i, c in enumerate(all_cfgs) if args.filter in c.name]
-    jobs = [(i, t) for t in targets for i, _ in configs]
+    jobs = [(i, t) for t in targets for i, c in configs if t in c.targets]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(_compile, jobs))
     head = (f"{'target':7} {'configuration':44} {'regs':>4} {'spill':>5} {'smem':>6} {'CTAs':>4} {'wi/cell':>7} "
@@ -99,6 +99,7 @@ def run(args) -> int:
             dumped.append({"name": cfg.name, "target": target, "kernel": cfg.meta.get("kernel"),
                            "model": cfg.meta.get("model"), "dtype": cfg.meta.get("dtype"),
                            "phase": cfg.meta.get("phase"), "interior": cfg.meta.get("interior"),
+                           "loads": cfg.meta.get("loads", "plain"),
                            "num_warps": cfg.num_warps, "cells_per_tile": cfg.meta.get("cells_per_tile"),
                            "programs_per_tile": cfg.meta.get("programs_per_tile", 1),
                            "shared_bytes": res["shared_bytes"], "cubin": name})

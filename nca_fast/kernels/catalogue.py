@@ -7,7 +7,7 @@ from typing import List
 from ..decoders.spec import pixel_shuffle_spec
 from ..spec import NCASpec, growing_spec, texture_spec
 from . import decode, step, step_backward
-from .compile import KernelConfig
+from .compile import TARGETS, KernelConfig
 from .config import (
     BACKWARD_BW,
     BACKWARD_WARPS,
@@ -51,8 +51,11 @@ BUDGETS = {
 }
 
 def budget(meta: dict):
-    """The (warp-instructions per cell, barriers, resident CTAs) budget of a configuration, or None."""
-    if meta.get("kernel") != "step" or not meta.get("interior") or meta.get("head"):
+    """The (warp-instructions per cell, barriers, resident CTAs) budget of a configuration, or None.
+    The opt-in interior loads ("prefetch", "tma") are reported beside the plain kernel, not held to
+    it: they trade instructions for latency (config.INTERIOR_LOADS)."""
+    if meta.get("kernel") != "step" or not meta.get("interior") or meta.get("head") or \
+            meta.get("loads", "plain") != "plain":
         return None
     for (model, phase, dtypes), limits in BUDGETS.items():
         if meta.get("model") == model and meta.get("phase") == phase and meta.get("dtype") in dtypes:
@@ -109,22 +112,27 @@ def _pointers(ptr: str, names) -> dict:
                 "*fp32" if n in ("b2", "fscale", "db0", "db1") else ptr) for n in names}
 
 
-def _step(name, model, spec, precision, *, interior, pending, has_mask=False, head=None) -> KernelConfig:
-    cfg = step_config(spec, precision)
-    sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "src_pre", "dst", "dst_pre", "fire_mask", "ctr", "w1",
+def _step(name, model, spec, precision, *, interior, pending, has_mask=False, head=None,
+          loads="plain") -> KernelConfig:
+    cfg = step_config(spec, precision, loads)
+    sig = _pointers(_PTR.get(precision, "*fp32"), ("src", "src_pre", "dst", "dst_pre", "fire_mask", "ctr", "desc", "w1",
                                                    "wb", "w2", "b2", "fscale", "img", "dw0", "db0", "dw1", "db1"))
     sig.update({n: "i32" for n in _STEP_I32})
     sig.update({n: "fp32" for n in _STEP_F32})
-    ce = cfg.constexprs(pending=pending, has_mask=has_mask, interior=interior)
+    tma = loads == "tma" and interior
+    ce = cfg.constexprs(pending=pending, has_mask=has_mask, interior=interior, tma=tma)
+    if tma:  # (the launch passes launch.tma_descriptor's; the plain kernels get the state pointer)
+        sig["desc"] = f"tensordesc<{sig['src'][1:]}[1,{cfg.BW},{cfg.CC}]>"
     if head:
         ce.update(DECODE=True, **head_config(pixel_shuffle_spec(spec.channels, scale=head[0], hidden=head[1]),
                                              cfg.CP).constexprs())
     sig.update({n: "constexpr" for n in ce})
     phase = "rollout" if pending and cfg.ALIVE or not cfg.ALIVE else "single"
     meta = dict(kernel="step", model=model, dtype=precision, phase=phase if not has_mask else "single",
-                interior=interior, cells_per_tile=cfg.tile(interior), head=bool(head), mask=has_mask)
+                interior=interior, cells_per_tile=cfg.tile(interior), head=bool(head), mask=has_mask, loads=loads)
     return KernelConfig(name, step.nca_step_kernel, sig, ce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                        note=f"{'interior' if interior else 'border'} {cfg.tile(interior)}", meta=meta)
+                        note=f"{'interior' if interior else 'border'} {cfg.tile(interior)}", meta=meta,
+                        targets=("sm_90a",) if tma else tuple(TARGETS))
 
 
 def _finalize(name, model, spec, precision, head=None, life=False) -> KernelConfig:
@@ -162,6 +170,11 @@ def step_configs() -> List[KernelConfig]:
                 if alive and published:
                     configs.append(_step(f"{base}/{where}/single", model, spec, precision, interior=interior,
                                          pending=False))
+            if published and precision != "ieee":  # the opt-in interior loads (config.INTERIOR_LOADS)
+                elt = 4 if precision == "tf32" else 2
+                for loads in ("prefetch", "tma") if spec.channels * elt % 16 == 0 else ("prefetch",):
+                    configs.append(_step(f"{base}/interior/{loads}", model, spec, precision, interior=True,
+                                         pending=True, loads=loads))
             if published and precision == "tf32":
                 configs.append(_step(f"{base}/interior/mask", model, spec, precision, interior=True, pending=False,
                                      has_mask=True))

@@ -77,6 +77,25 @@ def bytes_per_cell_update(spec: NCASpec, dtype: torch.dtype) -> int:
 
 
 # ---- the step ---------------------------------------------------------------------------------
+# How interior tiles load their 9 neighbours (NCA_FAST_INTERIOR_LOADS): "plain" (global loads issued
+# when the tile starts: the default, the budgets of `nca-fast kernels` are set on it), "prefetch"
+# (Triton's software pipeline issues the next tile's loads as cp.async copies to shared memory while
+# this tile computes), "tma" (the same, each neighbour's [64, 16] box copied by the tensor memory
+# accelerator; sm_90 and later, channels-last strides that are multiples of 16 bytes; else
+# "prefetch"). Compiled for sm_90a (triton 3.9): growing fp16 rollout step 41.4 / 45.4 / 53.6
+# warp-instructions a cell, 6 / 5 / 23 barriers a tile, 4 / 3 / 4 CTAs an SM: the copies trade
+# instructions for latency, which only a GPU can weigh (benchmarks/gpu_check.py times all three).
+INTERIOR_LOADS = ("plain", "prefetch", "tma")
+
+
+def interior_loads() -> str:
+    """The interior tiles' loads as ``NCA_FAST_INTERIOR_LOADS`` asks (default "plain")."""
+    loads = os.environ.get("NCA_FAST_INTERIOR_LOADS", "plain").strip().lower() or "plain"
+    if loads not in INTERIOR_LOADS:
+        raise ValueError(f"NCA_FAST_INTERIOR_LOADS must be one of {INTERIOR_LOADS}, got {loads!r}")
+    return loads
+
+
 BW = 64  # interior cells per tile: one row segment; wgmma's M of one warpgroup
 BORDER_BW = 32  # ring cells per border tile (64 from 64 channels): fewer registers for the wrapped address math
 CHANNEL_CHUNK = 16  # input channels per perception pass (layer 1's K loop)
@@ -126,20 +145,22 @@ class StepConfig:
     SPLIT: bool  # "ieee": three TF32 products with the weights' low parts packed (pack.pack_step)
     num_warps: int
     W_RESIDENT: bool
-    num_stages: int = 1  # no software pipelining across tiles: nothing there to overlap it with
+    num_stages: int = 1  # no software pipelining across tiles (but the interior's with LOADS != "plain")
+    LOADS: str = "plain"  # the interior tiles' neighbour loads (INTERIOR_LOADS)
 
     def dot_constexprs(self) -> dict:
         dot_t, prec = dot_types(self.PRECISION)
         return dict(DOT_T=dot_t, PREC=prec)
 
-    def constexprs(self, pending: bool, has_mask: bool, interior: bool) -> dict:
+    def constexprs(self, pending: bool, has_mask: bool, interior: bool, tma: bool = False) -> dict:
+        """The step kernel's constexprs; ``tma``: the launch gives the interior a tensor descriptor."""
         d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "TAPS", "NEEDS", "PAD", "APAD", "ALPHA", "ALIVE",
                                            "HAS_B1", "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP", "S_CLAMP",
                                            "W_RESIDENT", "HC", "CC", "SPLIT")}
         # 16-bit states compute perception in 16-bit pairs; the interpreter has no bf16 arithmetic
         perc = "fp32" if self.STATE == "bf16" and interpreting() else self.STATE
         d.update(PENDING=pending and self.ALIVE, HAS_MASK=has_mask, INTERIOR=interior, PERC_T=_PERC_T[perc],
-                 BW=self.tile(interior),
+                 BW=self.tile(interior), TMA=interior and tma, STAGES=2 if interior and self.LOADS != "plain" else 1,
                  FAST=not interpreting(), **self.dot_constexprs())
         return d
 
@@ -219,8 +240,12 @@ def hidden_chunks(hidden: int, CP: int, precision: str) -> Tuple[int, int]:
     return best
 
 
-def step_config(spec: NCASpec, precision: str) -> StepConfig:
-    """The step kernel configuration for ``spec`` with its MLP in ``precision``."""
+def step_config(spec: NCASpec, precision: str, loads: Optional[str] = None) -> StepConfig:
+    """The step kernel configuration for ``spec`` with its MLP in ``precision``; ``loads``: the
+    interior tiles' (INTERIOR_LOADS; default ``interior_loads()``)."""
+    loads = interior_loads() if loads is None else loads
+    if loads not in INTERIOR_LOADS:
+        raise ValueError(f"loads must be one of {INTERIOR_LOADS}, got {loads!r}")
     kp = kernel_precision(precision)
     CP = pow2(spec.channels)
     HC, HP = hidden_chunks(spec.hidden, CP, kp)
@@ -239,7 +264,7 @@ def step_config(spec: NCASpec, precision: str) -> StepConfig:
         U_CLAMP=spec.update_clamp is not None, S_CLAMP=spec.state_clamp is not None,
         PRECISION=kp, STATE=_STATES[precision], BW=BW, BORDER_BW=BW if CP >= 64 else BORDER_BW, HC=HC,
         CC=min(CP, CHANNEL_CHUNK), SPLIT=kp == "ieee", num_warps=4,
-        W_RESIDENT=weights <= W_RESIDENT_BYTES)
+        W_RESIDENT=weights <= W_RESIDENT_BYTES, LOADS=loads)
 
 
 # ---- the decoders -----------------------------------------------------------------------------

@@ -67,6 +67,23 @@ def _check_channels_last(*states) -> None:
                              f"shape {tuple(s.shape)}")
 
 
+def tma_descriptor(cfg: StepConfig, src: torch.Tensor):
+    """A tensor descriptor of the channels-last state ``src`` as ``[B*H, W, C]`` in boxes of one
+    interior tile's channel chunk, ``[1, BW, CC]`` (channels from C on read as zeros), or None where
+    the interior loads plainly: LOADS is not "tma", the device has no tensor memory accelerator
+    (before sm_90) or the strides are not multiples of 16 bytes (e.g. 12 fp16 channels)."""
+    if cfg.LOADS != "tma":
+        return None
+    if src.is_cuda and torch.cuda.get_device_capability(src.device) < (9, 0):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, C, H, W = src.shape
+    if (C * src.element_size()) % 16 or src.data_ptr() % 16:
+        return None
+    return TensorDescriptor(src, [B * H, W, C], [W * C, C, 1], [1, cfg.BW, cfg.CC])
+
+
 def regions(cfg: StepConfig, H: int, W: int, pending: bool) -> Tuple[int, int, int, int]:
     """(top, bot, left, right): the interior rectangle, the cells ``margin`` or more from the border,
     which the interior kernel steps in row tiles of ``BW`` (each row's last tile ends at ``right``,
@@ -105,6 +122,7 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
     head_ce = dict(DECODE=True, **head.constexprs()) if head is not None else {}
     ring = top * W + (H - bot) * W + (bot - top) * (left + W - right)
     n_interior, n_ring = interior_tiles(cfg, B, top, bot, left, right), B * ring
+    desc = tma_descriptor(cfg, src) if n_interior else None
     for interior, n_items, n_tiles in ((True, n_interior, n_interior),
                                        (False, n_ring, -(-n_ring // cfg.BORDER_BW))):
         if n_tiles == 0:
@@ -112,12 +130,12 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
         programs = grid_programs(n_tiles, src.device)
         nca_step_kernel[(programs,)](
             src, src_pre if src_pre is not None else dummy, dst, dst_pre if dst_pre is not None else dummy,
-            mask, ctr, w1, wb, w2, b2, fscale, *dec_args,
+            mask, ctr, desc if interior and desc is not None else src, w1, wb, w2, b2, fscale, *dec_args,
             H, W, n_items, -(-n_tiles // programs), top, bot, left, right,
             step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset), rng.fire_threshold(fire_rate),
             float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
-            **cfg.constexprs(pending, update_mask is not None, interior), **head_ce)
+            **cfg.constexprs(pending, update_mask is not None, interior, tma=desc is not None), **head_ce)
 
 
 class BackwardBuffers(NamedTuple):

@@ -41,7 +41,9 @@ run the perception in chunks of CC = 16 channels (the K loop of layer 1) and the
 chunks of HC units; the bias dot is issued after the perception, so its accumulator does not occupy
 registers while the loads are in flight. Multiplying each perception tile by its runtime filter scale
 keeps Triton from converting every neighbour load to the dot-operand layout (a shared-memory round
-trip and two barriers each). ``nca-fast kernels`` reports the result per configuration.
+trip and two barriers each). ``nca-fast kernels`` reports the result per configuration. The
+interior's loads can also be copied a tile ahead (cp.async or TMA, ``config.INTERIOR_LOADS``): more
+instructions, less exposed latency; opt-in until a GPU measures which wins.
 """
 from __future__ import annotations
 
@@ -184,7 +186,7 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
               CP: tl.constexpr, CC: tl.constexpr, BW: tl.constexpr, F: tl.constexpr, TAPS: tl.constexpr,
               NEEDS: tl.constexpr, PAD: tl.constexpr, ALPHA: tl.constexpr, PENDING: tl.constexpr,
               INTERIOR: tl.constexpr, TRACK: tl.constexpr, P_CLAMP: tl.constexpr, PERC_T: tl.constexpr,
-              DOT_T: tl.constexpr):
+              DOT_T: tl.constexpr, desc=None, drow=0, dcol=0, c0=0, TMA: tl.constexpr = False):
     """Perception of channels ``chc`` (one chunk of CC) of a tile -> (F tiles [BW, CC] in the dot
     dtype, scaled and clamped; the centre [BW, CC] in fp32; with TRACK the pre-update pool [BW]).
     Each neighbour is added into the F tiles as it arrives: F + 1 tiles live, not 9. The pending
@@ -196,7 +198,9 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
     x = tl.zeros((BW, CC), tl.float32)
     for k in tl.static_range(9):
         if NEEDS[k]:
-            if INTERIOR:
+            if INTERIOR and TMA:  # a tensor-memory-accelerator copy of the [BW, CC] box (zeros from C on)
+                xk = desc.load([drow + (k // 3 - 1), dcol + (k % 3 - 1), c0]).reshape(BW, CC)
+            elif INTERIOR:
                 nb = tile + ((k // 3 - 1) * W + (k % 3 - 1)) * C + m[:, None] * C + chc[None, :]
                 if CP == C:
                     xk = tl.load(nb)
@@ -241,7 +245,7 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
 
 @triton.jit
 def nca_step_kernel(
-    src, src_pre, dst, dst_pre, fire_mask, ctr,  # state in/out [B, H, W, C]; masks u8 [B, H, W]
+    src, src_pre, dst, dst_pre, fire_mask, ctr, desc,  # state in/out [B, H, W, C]; masks u8 [B, H, W]
     w1, wb, w2, b2, fscale,  # packed (pack.pack_step): w1 [F, CP, HP], wb [16, HP], w2 [HP, CP]; b2, fscale
     img, dw0, db0, dw1, db1,  # DECODE: the frame [B, K, H*R, W*R] and the pixel-shuffle head
     H, W, n_items, items_per_program, top, bot, left, right,
@@ -256,6 +260,7 @@ def nca_step_kernel(
     SPLIT: tl.constexpr,
     DECODE: tl.constexpr = False, R: tl.constexpr = 1, K: tl.constexpr = 3, N: tl.constexpr = 3,
     DH: tl.constexpr = 0, NPAD: tl.constexpr = 16, NB: tl.constexpr = 16,
+    TMA: tl.constexpr = False, STAGES: tl.constexpr = 1,
 ):
     """A persistent grid of programs over ``n_items`` tiles of ``BW`` cells (all channels).
 
@@ -268,6 +273,10 @@ def nca_step_kernel(
     neighbour k (3*(dy+1) + (dx+1)) is loaded. PERC_T: the dtype perception is computed in (the
     state's, 16-bit pairs for 16-bit states). PAD: 0 = zeros, 1 = circular, 2 = replicate; APAD (the
     alive pool's): 0 = outside cells ignored, 1 = circular, 2 = replicate.
+    STAGES 2 (interior, ``config.INTERIOR_LOADS`` other than "plain"): Triton's software pipeline
+    issues the next tile's loads while this one computes; with TMA each neighbour's [BW, CC] box comes
+    through ``desc``, a tensor descriptor of the state as [B*H, W, C] (``launch.tma_descriptor``; the
+    state pointer again when unused).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -305,7 +314,7 @@ def nca_step_kernel(
                                              + hid[None, :]).to(DOT_T),)
     seed = tl.load(ctr)
     step = (tl.load(ctr + 1) + step_offset).to(tl.uint32)
-    for it in range(items_per_program):
+    for it in tl.range(items_per_program, num_stages=STAGES):
         t = pid + it * nprog
         # ---- which cells: a row segment of the interior, or BW cells of the ring ------------------
         if INTERIOR:
@@ -324,7 +333,10 @@ def nca_step_kernel(
             ii = i + m * 0
             bb = b + m * 0
             valid = m >= 0
+            drow = b * H + i
         else:
+            drow = 0
+            j0 = 0
             q = t * BW + m
             valid = q < n_items
             q = tl.where(valid, q, 0)
@@ -375,7 +387,7 @@ def nca_step_kernel(
         if NCC == 1:  # one channel chunk: perceived once, for every hidden chunk
             pts, x, pool_c = _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch, C, CP, CC,
                                        BW, F, TAPS, NEEDS, PAD, ALPHA, PENDING, INTERIOR, PENDING and INTERIOR,
-                                       P_CLAMP, PERC_T, DOT_T)
+                                       P_CLAMP, PERC_T, DOT_T, desc, drow, j0, 0, TMA)
             if PENDING and INTERIOR:
                 pool = pool_c
         dx = tl.zeros((BW, CP), tl.float32)
@@ -386,7 +398,7 @@ def nca_step_kernel(
                     pts, _, pool_c = _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m,
                                                cc * CC + ch, C, CP, CC, BW, F, TAPS, NEEDS, PAD, ALPHA, PENDING,
                                                INTERIOR, PENDING and INTERIOR and c == 0 and cc == ALPHA // CC,
-                                               P_CLAMP, PERC_T, DOT_T)
+                                               P_CLAMP, PERC_T, DOT_T, desc, drow, j0, cc * CC, TMA)
                     if PENDING and INTERIOR and c == 0 and cc == ALPHA // CC:
                         pool = pool_c
                 if HAS_B1 and cc == 0:  # (after the perception: the accumulator's registers are free till now)
