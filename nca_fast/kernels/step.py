@@ -57,8 +57,9 @@ NAN = tl.constexpr(tl.PropagateNan.ALL)  # every min / max keeps NaN, as torch d
 
 @triton.jit
 def _clamp(v, lo, hi):
-    """clamp(v, lo, hi) that keeps NaN (as torch.clamp; a GPU's plain min/max would drop it)."""
-    return tl.minimum(tl.maximum(v, lo, propagate_nan=NAN), hi, propagate_nan=NAN)
+    """clamp(v, lo, hi) that keeps NaN (as torch.clamp; a GPU's plain min/max would drop it), in v's
+    dtype (triton 3.6 computes a bf16 min / max in fp32)."""
+    return tl.minimum(tl.maximum(v, lo, propagate_nan=NAN), hi, propagate_nan=NAN).to(v.dtype)
 
 
 @triton.jit
