@@ -164,29 +164,32 @@ def step_configs() -> List[KernelConfig]:
             if not published and precision in ("ieee", "bf16"):
                 continue  # (the same code as tf32 / fp16 but for the operand type)
             base = f"step/{model}/{precision}"
+            # the opt-in interior loads (config.INTERIOR_LOADS) beside every plain interior kernel of the
+            # models they apply to ("tma" where a cell's channels are a multiple of 16 bytes)
+            elt = 4 if precision == "tf32" else 2
+            loads_variants = (() if precision == "ieee" or step_config(spec, precision, "tma").LOADS == "plain" else
+                              ("prefetch", "tma") if spec.channels * elt % 16 == 0 else ("prefetch",))
+
+            def add(name, interior, **kw):
+                configs.append(_step(name, model, spec, precision, interior=interior, **kw))
+                for loads in loads_variants if interior else ():
+                    configs.append(_step(f"{name}/{loads}", model, spec, precision, interior=True, loads=loads, **kw))
+
             for interior in (True, False):
                 where = "interior" if interior else "border"
-                configs.append(_step(f"{base}/{where}", model, spec, precision, interior=interior, pending=True))
+                add(f"{base}/{where}", interior, pending=True)
                 if alive and published:
-                    configs.append(_step(f"{base}/{where}/single", model, spec, precision, interior=interior,
-                                         pending=False))
-            if published and precision != "ieee":  # the opt-in interior loads (config.INTERIOR_LOADS)
-                elt = 4 if precision == "tf32" else 2
-                for loads in ("prefetch", "tma") if spec.channels * elt % 16 == 0 else ("prefetch",):
-                    configs.append(_step(f"{base}/interior/{loads}", model, spec, precision, interior=True,
-                                         pending=True, loads=loads))
+                    add(f"{base}/{where}/single", interior, pending=False)
             if published and precision == "tf32":
-                configs.append(_step(f"{base}/interior/mask", model, spec, precision, interior=True, pending=False,
-                                     has_mask=True))
+                add(f"{base}/interior/mask", True, pending=False, has_mask=True)
             if published and precision != "ieee":
                 for hname, h in HEADS.items():
                     if alive:
                         configs.append(_finalize(f"finalize/{model}/{precision}{hname}", model, spec, precision, h))
                     else:
                         for interior in (True, False):
-                            where = "interior" if interior else "border"
-                            configs.append(_step(f"{base}/{where}{hname}", model, spec, precision,
-                                                 interior=interior, pending=False, head=h))
+                            add(f"{base}/{'interior' if interior else 'border'}{hname}", interior, pending=False,
+                                head=h)
             if alive and precision != "ieee":
                 configs.append(_finalize(f"finalize/{model}/{precision}", model, spec, precision))
             if alive and published:  # model.step through the op: finalize also writes the alive bytes

@@ -85,6 +85,8 @@ def bytes_per_cell_update(spec: NCASpec, dtype: torch.dtype) -> int:
 # "prefetch"). Compiled for sm_90a (triton 3.9): growing fp16 rollout step 41.4 / 45.4 / 53.6
 # warp-instructions a cell, 6 / 5 / 23 barriers a tile, 4 / 3 / 4 CTAs an SM: the copies trade
 # instructions for latency, which only a GPU can weigh (benchmarks/gpu_check.py times all three).
+# Models of up to 16 channels only (one perception chunk): a wider tile's copies outgrow shared
+# memory (64 x 256: 330-670 KB) or spill (32 x 64 with TMA); they load plainly.
 INTERIOR_LOADS = ("plain", "prefetch", "tma")
 
 
@@ -248,6 +250,8 @@ def step_config(spec: NCASpec, precision: str, loads: Optional[str] = None) -> S
         raise ValueError(f"loads must be one of {INTERIOR_LOADS}, got {loads!r}")
     kp = kernel_precision(precision)
     CP = pow2(spec.channels)
+    if CP > CHANNEL_CHUNK:  # (see INTERIOR_LOADS)
+        loads = "plain"
     HC, HP = hidden_chunks(spec.hidden, CP, kp)
     fscale = filter_scales(spec)
     taps = tuple(float(v) / fscale[n] for n, f in enumerate(spec.filters) for row in f.taps for v in row)
