@@ -153,6 +153,8 @@ def test_interior_loads(monkeypatch, loads, model_name, dtype):
     assert len(descs) == 3 and all((d is not None) == tma for d in descs), descs
     # wider models load plainly (a tile's copies would outgrow shared memory)
     assert step_config(nf.growing_spec(channels=32), "tf32", loads).LOADS == "plain"
+    with pytest.raises(ValueError, match="loads must be one of"):
+        step_config(spec, "tf32", "bulk")
     monkeypatch.setenv("NCA_FAST_INTERIOR_LOADS", "warp")
     with pytest.raises(ValueError, match="NCA_FAST_INTERIOR_LOADS must be one of"):
         model.fused_rollout(x.shape, dtype, steps=1)
