@@ -95,6 +95,23 @@ def test_pixel_shuffle_kernel_matches_reference(kernels, C, K, r, hidden):
     torch.testing.assert_close(half.float(), ref, rtol=0, atol=2e-2 * max(1.0, ref.abs().max().item()))
 
 
+@pytest.mark.parametrize("hidden", [64, 128])
+def test_pixel_shuffle_kernel_before_sm90(kernels, monkeypatch, hidden):
+    """What an A100 runs for an "ieee" head of 64+ hidden units (config.ps_decode_launch: 32 outputs a
+    dot, the hidden layer in chunks of 64, recomputed per block of outputs): the reference's image."""
+    from nca_fast.kernels import launch
+    from nca_fast.kernels.config import head_config, ps_decode_launch
+
+    spec = pixel_shuffle_spec(12, 8, 3, hidden)
+    tile = ps_decode_launch(head_config(spec, 16), "ieee", (8, 0))
+    assert (tile["NB"], tile["DHC"]) == (32, 64)
+    assert ps_decode_launch(head_config(spec, 16), "ieee", (9, 0))["DHC"] == 0
+    monkeypatch.setattr(launch, "capability", lambda device: (8, 0))
+    dec = build_decoder(spec, init_seed=hidden).to(_device())
+    x = torch.randn(2, 12, 3, 5, device=_device())
+    torch.testing.assert_close(decode(dec, x, backend="triton"), dec(x), rtol=1e-4, atol=1e-4)
+
+
 def test_packed_weights_follow_weight_updates(kernels):
     dec = build_decoder(pixel_shuffle_spec(4, 2, 3), init_seed=0).to(_device())
     x = torch.randn(1, 4, 3, 5, device=_device())

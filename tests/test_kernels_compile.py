@@ -1,7 +1,8 @@
 """Every kernel configuration the dispatchers can pick compiles for sm_80 and sm_90a (no GPU needed),
 uses tensor-core instructions for its MLP where it should, the step does not spill (but where
-catalogue.SPILL_LIMITS says why), the backward stays within its spill ceilings, and the published
-models' steps hold their instruction budgets."""
+catalogue.SPILL_LIMITS says why), the backward stays within its spill ceilings, no loop has spill
+traffic (but where catalogue.LOOP_SPILLS_ALLOWED says), and the published models' steps hold their
+instruction budgets."""
 import json
 import os
 import subprocess
@@ -56,6 +57,17 @@ def test_no_step_spills_beyond_its_limit(report):
             assert r["spill_bytes"] <= catalogue.spill_limit(r), r
         if r["dtype"] != "ieee" and r["model"] in catalogue.PUBLISHED:  # (sm_80: 8 B with a head on the border)
             assert r["spill_bytes"] <= (0 if r["target"] == "sm_90a" else 16), r
+
+
+def test_no_spill_traffic_in_loops(report):
+    """No kernel loads or stores local memory inside its loop (where a spill costs per tile) but those
+    that spill by design (catalogue.LOOP_SPILLS_ALLOWED: "ieee", the largest shape class); on sm_80 two
+    texture border kernels with a pixel-shuffle head have 2 such instructions."""
+    _, rows, _ = report
+    assert any(r["loop_spills"] for r in rows if catalogue.loop_spills_allowed(r))  # (the count sees spills)
+    for r in rows:
+        if not catalogue.loop_spills_allowed(r):
+            assert r["loop_spills"] <= (2 if r["target"] == "sm_80" and "+ps" in r["config"] else 0), r
 
 
 def test_backward_is_compiled_for_every_model_it_takes(report):

@@ -1,9 +1,11 @@
 """`nca-fast kernels --target sm_90a`: compile every kernel configuration the dispatchers can pick, on a
-machine without a GPU, and report what the SASS of each one's persistent loop costs: registers, spills,
-shared memory, resident CTAs, warp-instructions per cell, barriers and shuffles per tile, global load /
-store widths, tensor-core instructions. Fails on a compile error, on shared memory beyond a block's
-limit, and (sm_90a, triton 3.9) on a step that spills beyond its limit (none but the "ieee" precision and the
-largest shape class may spill: ``catalogue.SPILL_LIMITS``) or exceeds its budget (``catalogue.BUDGETS``).
+machine without a GPU, and report what the SASS of each one's persistent loop costs: registers, spills
+(bytes; "lmem": local-memory loads and stores inside the loop, what a spill costs per tile), shared
+memory, resident CTAs, warp-instructions per cell, barriers and shuffles per tile, global load / store
+widths, tensor-core instructions. Fails on a compile error, on shared memory beyond a block's limit, and
+(sm_90a, triton 3.9) on a step that spills beyond its limit (none but the "ieee" precision and the
+largest shape class may spill: ``catalogue.SPILL_LIMITS``), on spill traffic in any kernel's loop (but
+those two: ``catalogue.LOOP_SPILLS_ALLOWED``) or on a step beyond its budget (``catalogue.BUDGETS``).
 ``--dump DIR`` writes each configuration's cubin and DIR/configs.json to disassemble them."""
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def run(args) -> int:
     jobs = [(i, t) for t in targets for i, c in configs if t in c.targets]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(_compile, jobs))
-    head = (f"{'target':7} {'configuration':44} {'regs':>4} {'spill':>5} {'smem':>6} {'CTAs':>4} {'wi/cell':>7} "
+    head = (f"{'target':7} {'configuration':44} {'regs':>4} {'spill':>5} {'lmem':>4} {'smem':>6} {'CTAs':>4} {'wi/cell':>7} "
             f"{'bars':>4} {'shfl':>4}  loads (n x bits) / stores  tensor cores")
     print(head + "\n" + "-" * len(head))
     rows, failed, dumped = [], 0, []
@@ -86,7 +88,8 @@ def run(args) -> int:
         rows.append(row)
         if "registers" in res:
             wi = res["warp_instructions_per_cell"]
-            print(f"{target:7} {cfg.name:44} {res['registers']:>4} {res['spill_bytes']:>5} {res['shared_bytes']:>6} "
+            print(f"{target:7} {cfg.name:44} {res['registers']:>4} {res['spill_bytes']:>5} {res['loop_spills']:>4} "
+                  f"{res['shared_bytes']:>6} "
                   f"{res['resident_ctas']:>4} {'-' if wi is None else f'{wi:.1f}':>7} {res['barriers']:>4} "
                   f"{res['shuffles']:>4}  {_loads(res['global_loads'])} / {_loads(res['global_stores'])}  "
                   f"{res['tensor_core']}")

@@ -83,8 +83,8 @@ def persistent_loop(sass: str) -> List[str]:
 
 
 def loop_counts(loop: List[str]) -> Dict[str, Any]:
-    """What a tile of the persistent loop costs: instructions, barriers, shuffles, and global
-    loads / stores by width (e.g. ``{"128": 4, "32": 8}`` bits)."""
+    """What a tile of the persistent loop costs: instructions, barriers, shuffles, local-memory
+    (spill) loads and stores, and global loads / stores by width (e.g. ``{"128": 4, "32": 8}`` bits)."""
     def widths(op):
         out: Dict[str, int] = {}
         for t in loop:
@@ -99,6 +99,9 @@ def loop_counts(loop: List[str]) -> Dict[str, Any]:
         "loop_instructions": len(loop),
         "barriers": sum(1 for t in loop if t.startswith(("BAR.SYNC", "BAR.ARV"))),
         "shuffles": sum(1 for t in loop if t.startswith("SHFL")),
+        # a spill's cost is its traffic in the loop: ptxas may also park a few values live across the
+        # loop (index masks the epilogue needs) in local memory, once a program
+        "loop_spills": sum(1 for t in loop if t.startswith(("LDL", "STL"))),
         "global_loads": widths("LDG"),
         "global_stores": widths("STG"),
     }

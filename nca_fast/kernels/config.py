@@ -360,3 +360,17 @@ def head_problem(dspec, spec: NCASpec, shape) -> str:
 
 
 PS_DECODE_TILE = (2, 32, 4)  # (BH, BW, num_warps) of the decode-only pixel-shuffle kernel
+
+
+def ps_decode_launch(head: HeadConfig, precision: str, capability: Tuple[int, int] = (9, 0)) -> dict:
+    """The decode-only pixel-shuffle kernel's tile and head split for ``head`` on a GPU of ``capability``:
+    BH, BW, num_warps, NB (outputs per dot) and DHC (hidden units per chunk, 0: all). Before sm_90 an
+    "ieee" head of 64+ hidden units takes 32 outputs a dot and at most 64 hidden units at a time: with
+    the whole hidden layer and 64 outputs, mma.sync's register operands (a TF32 and a low part of each)
+    spilled in the loop (hidden 64: 375 local loads / stores a tile; 128: 12,953), found with ``nca-fast
+    kernels``. Hopper's wgmma reads the weights from shared memory and keeps the defaults."""
+    BH, BW, warps = PS_DECODE_TILE
+    nb, dhc = head.NB, 0
+    if precision == "ieee" and head.DH >= 64 and tuple(capability) < (9, 0):
+        nb, dhc = min(head.NB, 32), min(head.DH, 64)
+    return dict(BH=BH, BW=BW, num_warps=warps, NB=nb, DHC=dhc)

@@ -135,7 +135,8 @@ def lppn_kernel(proj_ptr, out_ptr, w0_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
 def pixel_shuffle_kernel(x, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_image,
                          C: tl.constexpr, CP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                          R: tl.constexpr, K: tl.constexpr, N: tl.constexpr, DH: tl.constexpr,
-                         NPAD: tl.constexpr, NB: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
+                         NPAD: tl.constexpr, NB: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+                         DHC: tl.constexpr = 0):
     """x [B, C, H, W] (channels-last) -> img [B, K, H*R, W*R]: one program per ``BH x BW`` tile of
     cells (grid ``B * tiles_per_image``), the head of ``pixel_shuffle.py`` applied to the tile."""
     t = tl.program_id(0)
@@ -149,4 +150,4 @@ def pixel_shuffle_kernel(x, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_
     xs = tl.load(x + ((b * H + i) * W + j).to(tl.int64)[:, None] * C + chan[None, :],
                  mask=valid[:, None] & (chan[None, :] < C), other=0.0).to(tl.float32)
     pixel_shuffle_out(xs, b + m * 0, i, j, valid, img, dw0, db0, dw1, db1, H, W, CP, R, K, N, DH, NPAD, NB,
-                      DOT_T, PREC)
+                      DOT_T, PREC, DHC)

@@ -18,16 +18,21 @@ from .config import (
     BACKWARD_WARPS,
     FP_FUSION,
     PERCEIVE_VJP_BW,
-    PS_DECODE_TILE,
     REDUCE_BLOCK,
     HeadConfig,
     StepConfig,
     dot_types,
     lppn_launch,
     perceive_vjp_constexprs,
+    ps_decode_launch,
 )
 from .step import nca_finalize_kernel, nca_step_kernel
 from .step_backward import nca_step_backward_kernel, perceive_vjp_kernel, reduce_partials_kernel
+
+
+def capability(device: torch.device) -> Tuple[int, int]:
+    """The compute capability kernels compile for on ``device`` (the interpreter's CPU: Hopper's choices)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 def grid_programs(n_tiles: int, device: torch.device) -> int:
@@ -74,7 +79,7 @@ def tma_descriptor(cfg: StepConfig, src: torch.Tensor):
     (before sm_90) or the strides are not multiples of 16 bytes (e.g. 12 fp16 channels)."""
     if cfg.LOADS != "tma":
         return None
-    if src.is_cuda and torch.cuda.get_device_capability(src.device) < (9, 0):
+    if capability(src.device) < (9, 0):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -268,11 +273,13 @@ def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Opt
 def launch_pixel_shuffle(head: HeadConfig, head_weights, precision: str, x: torch.Tensor, image: torch.Tensor) -> None:
     """Decode ``x [B, C, H, W]`` (float32, channels-last) into ``image [B, K, H*R, W*R]``."""
     B, C, H, W = x.shape
-    BH, BW, warps = PS_DECODE_TILE
+    tile = ps_decode_launch(head, precision, capability(x.device))
+    BH, BW = tile["BH"], tile["BW"]
     n_tw, n_th = -(-W // BW), -(-H // BH)
     decode_kernels.pixel_shuffle_kernel[(B * n_th * n_tw,)](
         x, image, *head_weights, H, W, n_tw, n_th * n_tw, C=C, CP=head.CP, BH=BH, BW=BW,
-        **head.constexprs(), **dict(zip(("DOT_T", "PREC"), dot_types(precision))), num_warps=warps, num_stages=1,
+        **{**head.constexprs(), "NB": tile["NB"]}, DHC=tile["DHC"],
+        **dict(zip(("DOT_T", "PREC"), dot_types(precision))), num_warps=tile["num_warps"], num_stages=1,
         **FP_FUSION)
 
 
