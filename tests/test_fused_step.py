@@ -400,3 +400,29 @@ def test_persistent_grid_with_spare_programs(monkeypatch, programs):
     model, x = random_model(spec, g), random_state(spec, g, B=2, H=7, W=40)
     torch.testing.assert_close(model.rollout(x, 2, seed=1, backend="triton"),
                                model.rollout(x, 2, seed=1, backend="reference"), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("target", [4, 7, 11, 20])
+def test_interior_grid_steps_rows_with_carries(monkeypatch, target):
+    """The interior's grid is a multiple of the segments a row has (3 here: 130 interior columns in
+    64-cell tiles), and each program walks down its column of segments KP = programs / 3 rows a
+    tile, carrying into the next image (KP = 1, 2, 3 and 6 over 3 images of 3 or 5 interior rows:
+    spare rounds, and KP beyond an image's rows): the reference's states."""
+    seen = []
+
+    def programs(n_tiles, device):
+        seen.append(n_tiles)
+        return target
+    monkeypatch.setattr(launch, "grid_programs", programs)
+    cfg = step_config(nf.growing_spec(), "tf32")
+    for pending in (False, True):
+        top, bot, left, right = launch.regions(cfg, 7, 134, pending)
+        n = launch.interior_tiles(cfg, 3, top, bot, left, right)
+        got = launch.interior_programs(cfg, n, left, right, torch.device("cpu"))
+        assert got % 3 == 0 and got == min(n, 3 * max(1, target // 3))
+    g = torch.Generator().manual_seed(target)
+    spec = nf.growing_spec()
+    model, x = random_model(spec, g), random_state(spec, g, B=3, H=7, W=134)
+    torch.testing.assert_close(model.rollout(x, 2, seed=3, backend="triton"),
+                               model.rollout(x, 2, seed=3, backend="reference"), atol=2e-5, rtol=2e-5)
+    assert seen

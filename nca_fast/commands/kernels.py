@@ -73,8 +73,8 @@ def run(args) -> int:
     jobs = [(i, t) for t in targets for i, c in configs if t in c.targets]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(_compile, jobs))
-    head = (f"{'target':7} {'configuration':44} {'regs':>4} {'spill':>5} {'lmem':>4} {'smem':>6} {'CTAs':>4} {'wi/cell':>7} "
-            f"{'bars':>4} {'shfl':>4}  loads (n x bits) / stores  tensor cores")
+    head = (f"{'target':7} {'configuration':44} {'regs':>4} {'spill':>5} {'lmem':>4} {'smem':>6} {'CTAs':>4} "
+            f"{'wi/cell':>7} {'bars':>4} {'shfl':>4}  loads (n x bits) / stores  tensor cores")
     print(head + "\n" + "-" * len(head))
     rows, failed, dumped = [], 0, []
     dump = Path(args.dump) if args.dump else None

@@ -103,6 +103,14 @@ def interior_tiles(cfg: StepConfig, B: int, top: int, bot: int, left: int, right
     return B * (bot - top) * -(-(right - left) // cfg.BW)
 
 
+def interior_programs(cfg: StepConfig, n_tiles: int, left: int, right: int, device: torch.device) -> int:
+    """The interior kernel's grid: about ``grid_programs``, a multiple of the segments a row has, so
+    that each program keeps one column of segments (step.py; a row wider than that many segments
+    gets a program per segment). ``n_tiles`` is itself a multiple."""
+    per_row = -(-(right - left) // cfg.BW)
+    return min(n_tiles, per_row * max(1, grid_programs(n_tiles, device) // per_row))
+
+
 def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_pre, ctr, *,
                 step_offset: int = 0, origin=(0, 0), batch_offset: int = 0, fire_rate: float,
                 update_mask: Optional[torch.Tensor] = None, pending: bool = False,
@@ -127,12 +135,15 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
     head_ce = dict(DECODE=True, **head.constexprs()) if head is not None else {}
     ring = top * W + (H - bot) * W + (bot - top) * (left + W - right)
     n_interior, n_ring = interior_tiles(cfg, B, top, bot, left, right), B * ring
-    desc = tma_descriptor(cfg, src) if n_interior else None
+    # (a fused pixel-shuffle head loads the interior with cp.async rather than TMA: the head's tiles
+    # beside the boxes spilled, texture tf32 with a hidden head 16 B; STAGES stays 2: "prefetch")
+    desc = tma_descriptor(cfg, src) if n_interior and head is None else None
     for interior, n_items, n_tiles in ((True, n_interior, n_interior),
                                        (False, n_ring, -(-n_ring // cfg.BORDER_BW))):
         if n_tiles == 0:
             continue
-        programs = grid_programs(n_tiles, src.device)
+        programs = (interior_programs(cfg, n_tiles, left, right, src.device) if interior else
+                    grid_programs(n_tiles, src.device))
         nca_step_kernel[(programs,)](
             src, src_pre if src_pre is not None else dummy, dst, dst_pre if dst_pre is not None else dummy,
             mask, ctr, desc if interior and desc is not None else src, w1, wb, w2, b2, fscale, *dec_args,
