@@ -426,3 +426,53 @@ def test_interior_grid_steps_rows_with_carries(monkeypatch, target):
     torch.testing.assert_close(model.rollout(x, 2, seed=3, backend="triton"),
                                model.rollout(x, 2, seed=3, backend="reference"), atol=2e-5, rtol=2e-5)
     assert seen
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs step._round_down under the Triton interpreter")
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # (7e4 -> fp16 inf: intended)
+def test_round_down_is_exact_for_every_fp16_value():
+    """For every fp16 value v, v > t exactly when v > step._round_down(t): the interior compares a
+    16-bit state's alpha maxima with it, unwidened (thresholds that fp16 rounds up, down, to 0, to
+    +-inf, and fp16 values themselves)."""
+    import triton
+    import triton.language as tl
+
+    from nca_fast.kernels import step
+
+    globals()["_round_down"] = step._round_down  # (a jit function resolves callees in its globals)
+
+    @triton.jit
+    def round_down_kernel(t_ptr, out_ptr):
+        i = tl.program_id(0)
+        out_ptr += i
+        tl.store(out_ptr, _round_down(tl.load(t_ptr + i), tl.float16).to(tl.float32))  # noqa: F821
+
+    ts = torch.tensor([0.1, -0.1, 0.125, 0.125 - 3e-5, -0.125 + 3e-5, 1e-9, -1e-9, 0.0, 7e4, -7e4, 65519.0,
+                       1e6, -1e-30, 6e-8, math.inf, -math.inf], dtype=torch.float32)
+    out = torch.empty_like(ts)
+    round_down_kernel[(len(ts),)](ts, out)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).double()
+    for t, lo in zip(ts.double().tolist(), out.double().tolist()):
+        assert torch.tensor(lo, dtype=torch.float16).item() == lo and lo <= t, (t, lo)
+        assert torch.equal(every > t, every > lo), (t, lo)
+
+
+def test_alive_threshold_rounded_up_in_16_bits():
+    """A threshold that fp16 rounds up (0.125 - 3e-5 -> 0.125): alpha exactly 0.125 is alive (the
+    reference compares exactly); a kernel comparing with the rounded threshold would kill those
+    cells. No update (w2 = b2 = 0), so the states are exact and must equal the reference bit for bit."""
+    spec = nf.growing_spec(alive_threshold=0.125 - 3e-5)
+    g = torch.Generator().manual_seed(5)
+    model = random_model(spec, g)
+    with torch.no_grad():
+        for name in ("w2", "b2"):
+            if hasattr(model, name):
+                getattr(model, name).zero_()
+    x = random_state(spec, g, B=2, H=9, W=70)
+    pick = torch.randint(0, 3, x[:, 3].shape, generator=g).to(x.device)
+    x[:, 3] = torch.tensor([0.0, 0.125, 0.12493896484375], device=x.device)[pick]
+    x = x.half()
+    got = model.rollout(x, 2, seed=1, backend="triton")
+    want = model.double().rollout(x.double(), 2, seed=1, backend="reference")
+    assert torch.equal(got.double(), want)
+    assert (want[:, 3] == 0.125).any() and (want[:, 3] == 0).any()

@@ -61,8 +61,8 @@ def test_no_step_spills_beyond_its_limit(report):
 
 def test_no_spill_traffic_in_loops(report):
     """No kernel loads or stores local memory inside its loop (where a spill costs per tile) but those
-    that spill by design (catalogue.LOOP_SPILLS_ALLOWED: "ieee", the largest shape class); on sm_80 two
-    texture border kernels with a pixel-shuffle head have 2 such instructions."""
+    that spill by design (catalogue.LOOP_SPILLS_ALLOWED: "ieee", the largest shape class); on sm_80 three
+    texture kernels with a pixel-shuffle head have 1-2 such instructions."""
     _, rows, _ = report
     assert any(r["loop_spills"] for r in rows if catalogue.loop_spills_allowed(r))  # (the count sees spills)
     for r in rows:

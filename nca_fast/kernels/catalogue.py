@@ -80,7 +80,7 @@ BACKWARD_SPILL_LIMITS = {"ieee": 768, "": 32}
 # What a spill costs is its traffic in the loop: outside it, ptxas parks a few index values live across
 # the loop once a program (the backward's 8-24 B above, measured). Inside the persistent loop (or a
 # decode kernel's body) no configuration may load or store local memory, but the two that spill by
-# design (above); on sm_80 two border kernels with a pixel-shuffle head have 2 such instructions.
+# design (above); on sm_80 three texture kernels with a pixel-shuffle head have 1-2 such instructions.
 LOOP_SPILLS_ALLOWED = ("ieee", "max-64x256")
 
 

@@ -141,14 +141,15 @@ def _keep_at(src, pre, cell, i, j, H, W, C: tl.constexpr, ALPHA: tl.constexpr, t
 
 
 @triton.jit
-def _window_row(rowp, off, C: tl.constexpr):
+def _window_row(rowp, off, C: tl.constexpr, PERC_T: tl.constexpr):
     """The 3-wide maxima of one row of the 5x5 alpha window (``rowp + off`` is column -2): columns
-    (-2..0), (-1..1), (0..2) around each cell."""
-    a0 = tl.load(rowp + off).to(tl.float32)
-    a1 = tl.load(rowp + off + C).to(tl.float32)
-    a2 = tl.load(rowp + off + 2 * C).to(tl.float32)
-    a3 = tl.load(rowp + off + 3 * C).to(tl.float32)
-    a4 = tl.load(rowp + off + 4 * C).to(tl.float32)
+    (-2..0), (-1..1), (0..2) around each cell, in the perception's dtype (the state's; a max is
+    exact in any)."""
+    a0 = tl.load(rowp + off).to(PERC_T)
+    a1 = tl.load(rowp + off + C).to(PERC_T)
+    a2 = tl.load(rowp + off + 2 * C).to(PERC_T)
+    a3 = tl.load(rowp + off + 3 * C).to(PERC_T)
+    a4 = tl.load(rowp + off + 4 * C).to(PERC_T)
     m12 = tl.maximum(a1, a2, propagate_nan=NAN)
     m23 = tl.maximum(a2, a3, propagate_nan=NAN)
     return tl.maximum(a0, m12, propagate_nan=NAN), tl.maximum(m12, a3, propagate_nan=NAN), \
@@ -166,18 +167,36 @@ def _max3(a, b, c):
 
 
 @triton.jit
-def _interior_keeps(src_tile, pre_tile, W, m, C: tl.constexpr, ALPHA: tl.constexpr, threshold):
+def _round_down(t, DT: tl.constexpr):
+    """The largest value of DT at most the fp32 scalar ``t``: for a value v of DT, v > t exactly
+    when v > _round_down(t, DT). (Round to nearest, then one step toward -inf where that rounded
+    up: the bit pattern is sign-magnitude; from 0 the step is to the smallest negative subnormal.)"""
+    if DT == tl.float32:
+        return t
+    else:
+        r = tl.cast(t, DT)
+        rf = tl.cast(r, tl.float32)
+        b = tl.cast(r, tl.int16, bitcast=True).to(tl.int32)
+        down = tl.where(rf > 0, b - 1, tl.where(rf == 0, -32767, b + 1))
+        return tl.where(rf > t, tl.cast(down.to(tl.int16), DT, bitcast=True), r)
+
+
+@triton.jit
+def _interior_keeps(src_tile, pre_tile, W, m, C: tl.constexpr, ALPHA: tl.constexpr, threshold,
+                    PERC_T: tl.constexpr):
     """Pending form, interior tile: bit k (= 3*(dy+1) + (dx+1)) of the result says whether neighbour
-    (dy, dx) of each cell is alive, from the 5x5 alpha window by separable maxima."""
+    (dy, dx) of each cell is alive, from the 5x5 alpha window by separable maxima. They stay in the
+    state's dtype and meet the threshold rounded down to it (exact: ``_round_down``): a 16-bit
+    state's maxima are not widened to fp32 (-1.0 warp-instruction a cell, growing fp16)."""
     ap = src_tile + m * C + ALPHA - 2 * W * C - 2 * C
-    rows = (_window_row(ap, 0, C), _window_row(ap, W * C, C), _window_row(ap, 2 * W * C, C),
-            _window_row(ap, 3 * W * C, C), _window_row(ap, 4 * W * C, C))
+    rows = (_window_row(ap, 0, C, PERC_T), _window_row(ap, W * C, C, PERC_T), _window_row(ap, 2 * W * C, C, PERC_T),
+            _window_row(ap, 3 * W * C, C, PERC_T), _window_row(ap, 4 * W * C, C, PERC_T))
     pp = pre_tile + m
     bits = tl.zeros(m.shape, tl.int32)
     for kr in tl.static_range(3):  # neighbour (kr - 1, kc - 1): window rows kr..kr+2, columns kc..kc+2
         for kc in tl.static_range(3):
             post = _max3(rows[kr][kc], rows[kr + 1][kc], rows[kr + 2][kc])
-            keep = (post > threshold) & (tl.load(pp + (kr - 1) * W + (kc - 1)) != 0)
+            keep = (post > _round_down(threshold, post.dtype)) & (tl.load(pp + (kr - 1) * W + (kc - 1)) != 0)
             bits = bits | (keep.to(tl.int32) << (3 * kr + kc))
     return bits
 
@@ -214,8 +233,11 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
                 ncell = (bb * H + _wrap(ni, H, PAD)) * W + _wrap(nj, W, PAD)
                 xk = tl.load(src + ncell[:, None] * C + chc[None, :], mask=ok[:, None] & (chc[None, :] < C), other=0.0)
             xk = xk.to(PERC_T)
-            if PENDING:
-                xk = xk * (((bits >> k) & 1) != 0).to(PERC_T)[:, None]
+            if PENDING:  # (16-bit interior: a select of the constants 1 and 0, not an int-to-half conversion)
+                if PERC_T == tl.float32 or not INTERIOR:
+                    xk = xk * (((bits >> k) & 1) != 0).to(PERC_T)[:, None]
+                else:
+                    xk = xk * tl.where(((bits >> k) & 1) != 0, 1.0, 0.0).to(PERC_T)[:, None]
             if TRACK:
                 alpha_max = tl.maximum(alpha_max, tl.where(chc[None, :] == ALPHA, xk, float("-inf")),
                                        propagate_nan=NAN)
@@ -367,7 +389,7 @@ def nca_step_kernel(
         bits = tl.zeros((BW,), tl.int32)  # (pending form) bit k: neighbour k is alive
         if PENDING:
             if INTERIOR:
-                bits = _interior_keeps(tile, src_pre + cell0, W, m, C, ALPHA, threshold)
+                bits = _interior_keeps(tile, src_pre + cell0, W, m, C, ALPHA, threshold, PERC_T)
                 # (alive(x), the pool, comes from the perception's loads of the alpha channel: the
                 # window's loads then serve one layout only, a second would recompute them)
             else:
