@@ -7,6 +7,8 @@ linear head) and ``N`` pixel stores; nothing else moves.
 import triton
 import triton.language as tl
 
+from .operand import as_a_operand, k_order
+
 
 @triton.jit
 def pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
@@ -22,8 +24,10 @@ def pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
     so that the [M, NB] result stays in registers. ``DHC`` (0: all of DH): the hidden layer in
     chunks of DHC units, recomputed for each block of NB outputs (its K is only CP): a whole [M, DH]
     hidden layer in "ieee" (a TF32 and a low part of both operands) outgrows the registers (hidden
-    128 on sm_80: 13 KB of spills in the loop)."""
+    128 on sm_80: 13 KB of spills in the loop). A TF32 hidden layer enters the output dot as its
+    accumulator left it, dw1's rows loaded to match (``operand.py``)."""
     chan = tl.arange(0, CP)
+    M: tl.constexpr = t.shape[0]
     HCH: tl.constexpr = DHC if DHC > 0 else DH
     if DH > 0 and HCH == DH:
         hcol = tl.arange(0, DH)
@@ -34,14 +38,16 @@ def pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
         n = n0 + tl.arange(0, NB)
         if DH > 0:
             if HCH == DH:
-                o = tl.dot(hdec, tl.load(dw1 + hcol[:, None] * NPAD + n[None, :]), input_precision=PREC)
+                o = tl.dot(as_a_operand(hdec, M, DH), tl.load(dw1 + k_order(hcol, DOT_T)[:, None] * NPAD + n[None, :]),
+                           input_precision=PREC)
             else:
                 o = tl.zeros((t.shape[0], NB), tl.float32)
                 for h0 in tl.static_range(0, DH, HCH):
                     hc = h0 + tl.arange(0, HCH)
                     hd = tl.dot(t.to(DOT_T), tl.load(dw0 + chan[:, None] * DH + hc[None, :]), input_precision=PREC)
                     hd = tl.maximum(hd + tl.load(db0 + hc)[None, :], 0.0).to(DOT_T)
-                    o = tl.dot(hd, tl.load(dw1 + hc[:, None] * NPAD + n[None, :]), o, input_precision=PREC)
+                    o = tl.dot(as_a_operand(hd, M, HCH), tl.load(dw1 + (h0 + k_order(tl.arange(0, HCH), DOT_T))[:, None]
+                                                                  * NPAD + n[None, :]), o, input_precision=PREC)
         else:
             o = tl.dot(t.to(DOT_T), tl.load(dw1 + chan[:, None] * NPAD + n[None, :]), input_precision=PREC)
         o += tl.load(db1 + n)[None, :]

@@ -41,7 +41,10 @@ run the perception in chunks of CC = 16 channels (the K loop of layer 1) and the
 chunks of HC units; the bias dot is issued after the perception, so its accumulator does not occupy
 registers while the loads are in flight. Multiplying each perception tile by its runtime filter scale
 keeps Triton from converting every neighbour load to the dot-operand layout (a shared-memory round
-trip and two barriers each). ``nca-fast kernels`` reports the result per configuration. The
+trip and two barriers each). A TF32 hidden layer enters the second dot in the register order its
+accumulator left it in, w2's rows loaded to match (``operand.py``): no shuffle per hidden value
+(growing tf32 rollout step 69.9 -> 59.4 warp-instructions a cell, 3 -> 4 CTAs on sm_90a).
+``nca-fast kernels`` reports the result per configuration. The
 interior's loads can also be copied a tile ahead (cp.async or TMA, ``config.INTERIOR_LOADS``): more
 instructions, less exposed latency; opt-in until a GPU measures which wins.
 """
@@ -50,6 +53,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .operand import as_a_operand, k_order
 from .pixel_shuffle import pixel_shuffle_out
 
 NAN = tl.constexpr(tl.PropagateNan.ALL)  # every min / max keeps NaN, as torch does
@@ -323,7 +327,9 @@ def nca_step_kernel(
     wbs = ()
     for c in tl.static_range(NCH):
         for s in tl.static_range(NW):
-            w2s = w2s + (tl.load(w2 + s * HP * CP + (c * HC + hid)[:, None] * CP + chan[None, :]).to(DOT_T),)
+            # (interior: rows in the order the hidden layer reaches the second dot, operand.py)
+            w2s = w2s + (tl.load(w2 + s * HP * CP + (c * HC + (k_order(hid, DOT_T) if INTERIOR else hid))[:, None]
+                                 * CP + chan[None, :]).to(DOT_T),)
             if HAS_B1:
                 wbs = wbs + (tl.load(wb + s * 16 * HP + kk[:, None] * HP + c * HC + hid[None, :]).to(DOT_T),)
     if HAS_B2:
@@ -455,6 +461,8 @@ def nca_step_kernel(
             h = _relu_to(acc, DOT_T, FAST)
             if H_CLAMP:
                 h = _clamp(h, tl.cast(h_lo, DOT_T), tl.cast(h_hi, DOT_T))
+            if INTERIOR:  # (border tiles keep the shuffles: on sm_80 the renamed layer spills there)
+                h = as_a_operand(h, BW, HC)
             dx = _mma(h, w2s[c * NW], w2s[c * NW + NW - 1], dx, SPLIT, False, PREC)
         if HAS_B2:
             dx += bias2[None, :]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .operand import as_a_operand, k_order
 from .step import _clamp, _mma, _perceive, _relu_to
 
 
@@ -86,8 +87,9 @@ def _layer1_chunk(pcs, w1, wb, ones, c, chan, hc, HP, h_lo, h_hi, CP: tl.constex
 
 @triton.jit
 def _w2_chunk(w2, c, chan, hc, CP: tl.constexpr, HP, HC: tl.constexpr, DOT_T: tl.constexpr, SPLIT: tl.constexpr):
-    """Rows [c*HC, (c+1)*HC) of w2 [HP, CP] in the dot dtype (TF32 part, low part; zero from HP on)."""
-    rows = c * HC + hc
+    """Rows [c*HC, (c+1)*HC) of w2 [HP, CP] in the dot dtype (TF32 part, low part; zero from HP on),
+    in the order the hidden layer reaches the dot (``operand.as_a_operand``)."""
+    rows = c * HC + k_order(hc, DOT_T)
     ok = (rows < HP)[:, None]
     w_hi = tl.load(w2 + rows[:, None] * CP + chan[None, :], mask=ok, other=0.0).to(DOT_T)
     w_lo = w_hi
@@ -144,6 +146,11 @@ def nca_step_backward_kernel(
     # the transposed g_h with gW1's dot: -20 warp-instructions a cell, -8 barriers, measured) instead of
     # a cross-thread reduction (132 shuffles a tile); [HC, 16] sums, column 0 used. Smaller chunks spill.
     BIAS_DOT: tl.constexpr = HC >= 64
+    # g_h @ w1^T takes g_h as it leaves its dot (operand.py) where that measured faster: 64-unit chunks
+    # (with the bias sum's reduction, a loss) of TF32 (Triton's tf32x3 split then spills more)
+    GH_AS_A: tl.constexpr = BIAS_DOT and not SPLIT
+    krows = cc * HC + (k_order(hc, tl.float32) if GH_AS_A else hc)  # (w1's rows in g_h's order)
+    kok = (krows < HP)[:, None]
     gb1 = tl.zeros((HC, 16) if BIAS_DOT else (HC,), tl.float32)
     gb2 = tl.zeros((CP,), tl.float32)
     # dL/dp of this chunk goes to its own slab of gp ([NCH, B*H*W, F*CP]), added by perceive_vjp_kernel
@@ -193,7 +200,7 @@ def nca_step_backward_kernel(
                     h, _dh = _layer1_chunk(pcs, w1, wb, ones, c, chan, hc, HP, h_lo, h_hi, CP, F, HC, HAS_B1,
                                            H_CLAMP, DOT_T, PREC, FAST, SPLIT, BW)
                     w_hi, w_lo = _w2_chunk(w2, c, chan, hc, CP, HP, HC, DOT_T, SPLIT)
-                    dx = _mma(h, w_hi, w_lo, dx, SPLIT, False, PREC)
+                    dx = _mma(as_a_operand(h, BW, HC), w_hi, w_lo, dx, SPLIT, False, PREC)
                 if HAS_B2:
                     dx += bias2[None, :]
                 if S_CLAMP:
@@ -225,12 +232,15 @@ def nca_step_backward_kernel(
             else:
                 gb1 += tl.sum(gh, 0)
             ngw1 = ()
+            gha = gh
+            if GH_AS_A:
+                gha = as_a_operand(gh, BW, HC)
             for f in tl.static_range(F):
                 ngw1 = ngw1 + (tl.dot(tl.trans(gh), pcs[f].to(tl.float32), gw1[f], input_precision=GPREC),)
-                w1t = tl.load(w1 + f * CP * HP + chan[None, :] * HP + rows[:, None], mask=hok.T, other=0.0)
+                w1t = tl.load(w1 + f * CP * HP + chan[None, :] * HP + krows[:, None], mask=kok, other=0.0)
                 if SPLIT:  # ([HC, CP] fp32)
-                    w1t += tl.load(w1 + (F + f) * CP * HP + chan[None, :] * HP + rows[:, None], mask=hok.T, other=0.0)
-                gpf = tl.dot(gh, w1t, input_precision=GPREC)
+                    w1t += tl.load(w1 + (F + f) * CP * HP + chan[None, :] * HP + krows[:, None], mask=kok, other=0.0)
+                gpf = tl.dot(gha, w1t, input_precision=GPREC)
                 if P_CLAMP:
                     gpf = gpf * _inside_range(pts[f].to(tl.float32), p_lo, p_hi)
                 tl.store(gp_c + cell[:, None] * (F * CP) + f * CP + chan[None, :], gpf, mask=vmask)
