@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "nca_fast"
-KERNEL_FILES = ("kernels/step.py", "kernels/step_backward.py", "kernels/decode.py", "kernels/pixel_shuffle.py")
+KERNEL_FILES = ("kernels/step.py", "kernels/step_backward.py", "kernels/decode.py", "kernels/pixel_shuffle.py",
+                "kernels/operand.py")
 
 
 def _module_name(path: Path) -> str:
