@@ -11,8 +11,8 @@ But a dot's K order is free: ``h @ w == h[:, p] @ w[p, :]`` for any permutation 
 renames the columns ``8j + 2t + e -> 8j + 4e + t`` (a reshape and a permute, which Triton lowers to
 no instruction: every value stays in the register it is in), and the B operand's rows are loaded in
 the matching order (``k_order``; the weights are staged once per program, so that costs nothing a
-tile). Exact in any arithmetic but for the order in which the tensor core sums K, and what the
-interpreter runs too; measured per configuration by ``nca-fast kernels``.
+tile). The same product but for the order in which the tensor core sums K (the interpreter runs the
+same renaming: ``tests/test_operand.py``); its cost per configuration: ``nca-fast kernels``.
 """
 import triton
 import triton.language as tl
