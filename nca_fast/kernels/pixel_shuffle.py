@@ -46,8 +46,8 @@ def pixel_shuffle_out(t, b, i, j, valid, img, dw0, db0, dw1, db1, H, W,
                     hc = h0 + tl.arange(0, HCH)
                     hd = tl.dot(t.to(DOT_T), tl.load(dw0 + chan[:, None] * DH + hc[None, :]), input_precision=PREC)
                     hd = tl.maximum(hd + tl.load(db0 + hc)[None, :], 0.0).to(DOT_T)
-                    o = tl.dot(as_a_operand(hd, M, HCH), tl.load(dw1 + (h0 + k_order(tl.arange(0, HCH), DOT_T))[:, None]
-                                                                  * NPAD + n[None, :]), o, input_precision=PREC)
+                    o = tl.dot(as_a_operand(hd, M, HCH), tl.load(dw1 + k_order(hc, DOT_T)[:, None] * NPAD + n[None, :]),
+                               o, input_precision=PREC)
         else:
             o = tl.dot(t.to(DOT_T), tl.load(dw1 + chan[:, None] * NPAD + n[None, :]), input_precision=PREC)
         o += tl.load(db1 + n)[None, :]
