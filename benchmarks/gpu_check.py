@@ -3,17 +3,21 @@
     PYTHONPATH=. python benchmarks/gpu_check.py OUT_DIR [--quick]
     PYTHONPATH=. python benchmarks/gpu_check.py OUT_DIR --dry-run   # CPU + Triton interpreter, tiny sizes
 
-Runs in one call of under five minutes on an H100/H200 and writes OUT_DIR/gpu_check.json and
-OUT_DIR/gpu_check.md. Correctness: the fused step in every state dtype and MLP precision against a
-float64 reference (relative error), update masks bit-identical, a 50-step rollout; throughput:
-reference eager, torch.compile of the reference, and the fused rollout step and single step in fp32
-(TF32 MLP) and fp16, growing and texture models, at 1024^2, 2048^2 and 4096^2, with cell-updates/s,
-peak memory, the fraction of the memory floor (bytes per cell-update / measured copy bandwidth) and
-how long each first call (compilation) took; the interior tiles' opt-in loads (prefetch, tma) against
-the plain kernel (growing, 2048^2); training: the fused backward's gradients against the
-reference (and bit-identical run to run), a differentiable rollout's (CUDA-graphed, against its plain
-launches and the reference) and one Distill growing training iteration timed for the reference,
-torch.compile and the fused path. Only what is checked or timed is compiled.
+Runs in one call of under five minutes on an H100/H200. Correctness: the fused step in every state
+dtype and MLP precision against a float64 reference (relative error), update masks bit-identical, a
+50-step rollout; throughput: reference eager, torch.compile of the reference, and the fused rollout
+step and single step in fp32 (TF32 MLP) and fp16, growing and texture models, at 1024^2, 2048^2 and
+4096^2, with cell-updates/s, peak memory, the fraction of the memory floor (bytes per cell-update /
+measured copy bandwidth) and how long each first call (compilation) took; training: the fused
+backward's gradients against the reference (and bit-identical run to run), a differentiable
+rollout's (CUDA-graphed, against its plain launches and the reference) and one Distill growing
+training iteration timed for the reference, torch.compile and the fused path; the interior tiles'
+opt-in loads (prefetch, tma) against the plain kernel (growing, 2048^2); the decoders. Only what is
+checked or timed is compiled.
+OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md are written after every section: a section that
+raises is recorded with its traceback and the next one runs, and what would start past
+``--deadline`` seconds (default 420 on a GPU, none in a dry run) is skipped and listed, so that the
+one device call always brings its measurements back, and fails naming what failed.
 ``--dry-run`` runs every line of it on a CPU under the Triton interpreter at tiny
 sizes (CI does), so that GPU minutes are not spent finding a Python error.
 """
@@ -26,6 +30,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 DRY = "--dry-run" in sys.argv
@@ -127,13 +132,15 @@ def throughput(report, sizes, steps):
     channels-last state. Compiles only what it times; ``compile_s`` is each provider's first call."""
     bw = timing.copy_bandwidth(torch.device(DEV))
     report["copy_bandwidth_GBps"] = bw / 1e9
-    rows = []
+    rows = report["throughput"] = []  # (filled as measured: a later failure keeps these rows)
     for mname, spec in [("growing-16x128", nf.growing_spec()), ("texture-12x96", nf.texture_spec())]:
         model = nf.NCA(spec, init_seed=0).to(DEV).requires_grad_(False)
         model.fp32_matmul = "tf32"
         params = model.params()
         step_c = torch.compile(lambda x, mask: reference.step(x, params, spec, mask))
         for n in sizes:
+            if past_deadline(report, f"throughput {mname} {n}^2"):
+                continue
             x32 = grown_state(model, 1, n, n, torch.float32)
             providers = {"reference": torch.float32, "compile": torch.float32}
             for dt, tag in ((torch.float32, "tf32"), (torch.float16, "fp16")):
@@ -179,7 +186,6 @@ def throughput(report, sizes, steps):
         base = next((q for q in rows if q["model"] == r["model"] and q["size"] == r["size"]
                      and q["provider"] == "reference"), None)
         r["speedup_vs_reference"] = base["s_per_step"] / r["s_per_step"] if base else None
-    report["throughput"] = rows
     report["compile_s"] = sum(r["compile_s"] for r in rows)
 
 
@@ -192,7 +198,7 @@ def interior_loads(report, steps):
     whether the overlap pays for them."""
     model = nf.NCA(nf.growing_spec(), init_seed=0).to(DEV).requires_grad_(False)
     model.fp32_matmul = "tf32"
-    rows = []
+    rows = report["interior_loads"] = []
     before = os.environ.get("NCA_FAST_INTERIOR_LOADS")
     try:
         for dtype, tag in ((torch.float32, "tf32"), (torch.float16, "fp16")):
@@ -222,7 +228,6 @@ def interior_loads(report, steps):
     for r in rows:
         base = next(q for q in rows if q["dtype"] == r["dtype"] and q["loads"] == "plain")
         r["speedup_vs_plain"] = base["s_per_step"] / r["s_per_step"]
-    report["interior_loads"] = rows
 
 
 @torch.no_grad()
@@ -256,7 +261,7 @@ def training(report):
     """The fused backward against the reference's autograd (growing and texture, tf32 and ieee; the
     gradients bit-identical across two runs), then one training iteration of the Distill growing setup
     (64 steps, batch 8, 72^2) timed for the reference, torch.compile and the fused path."""
-    rows = []
+    rows = report["backward"] = []
     for name, spec in (("growing", nf.growing_spec()), ("texture", nf.texture_spec())):
         for precision in ("tf32", "ieee"):
             model = nf.NCA(spec, init_seed=3).to(DEV)
@@ -276,7 +281,6 @@ def training(report):
             rows.append({"model": name, "precision": precision, "grad_rel_error": err,
                          "bit_identical": all(torch.equal(u, v) for u, v in zip(a, b))})
             print(rows[-1], flush=True)
-    report["backward"] = rows
     # a differentiable rollout: one autograd node, its launches CUDA-graphed, against the same launches
     # uncaptured (bit for bit), itself (run to run) and the reference's autograd
     model = nf.NCA(nf.growing_spec(), init_seed=4).to(DEV)
@@ -299,6 +303,8 @@ def training(report):
                               "bit_identical": all(torch.equal(u, v) for u, v in zip(a, b)),
                               "graphs_equal_launches": all(torch.equal(u, v) for u, v in zip(a, plain))}
     print(report["rollout_grad"], flush=True)
+    if past_deadline(report, "training iteration"):
+        return
     train = run_train(nf.NCA(nf.growing_spec(), init_seed=0), torch.device(DEV), size=72 if not DRY else 8,
                       batch=8 if not DRY else 1, steps=64 if not DRY else 2, iterations=10 if not DRY else 1,
                       providers=("reference", "compile", "triton", "triton-launches"),
@@ -308,7 +314,8 @@ def training(report):
 
 def failures(report) -> list:
     c = report.get("correctness", {})
-    out = [f"{r['model']} {r['dtype']}/{r['precision']}: rel. error {r['rel_error']:.2e} > "
+    out = [f"{e['section']} raised {e['error']}" for e in report.get("errors", [])]
+    out += [f"{r['model']} {r['dtype']}/{r['precision']}: rel. error {r['rel_error']:.2e} > "
            f"{TOLERANCE[r['precision']]:g}" for r in c.get("step", [])
            if not (r["finite"] and r["rel_error"] <= TOLERANCE[r["precision"]])]
     if c and not c.get("masks_bit_identical"):
@@ -342,6 +349,10 @@ def markdown(report) -> str:
         lines.append(f"| {r['model']} | {r['dtype']} | {r['precision']} | {r['rel_error']:.2e} | {r['max_abs']:.2e} "
                      f"| {r['finite']} |")
     lines += ["", "**FAILED:** " + "; ".join(report["failures"]) if report.get("failures") else "all checks passed"]
+    if report.get("skipped"):
+        lines += ["", f"**Not run** (past the {report['deadline_s']:.0f} s deadline): " + "; ".join(report["skipped"])]
+    for e in report.get("errors", []):
+        lines += ["", f"**{e['section']} raised** (the other sections ran):", "", "```", e["traceback"].rstrip(), "```"]
     lines += ["", f"compiling (first calls of the throughput table): {report.get('compile_s', 0):.0f} s; "
               f"whole run {report.get('wall_s', 0):.0f} s"]
     lines += ["", f"masks bit-identical: {c.get('masks_bit_identical')}; 50-step rollout (fp32 ieee) rel. error "
@@ -349,7 +360,7 @@ def markdown(report) -> str:
               "| model | provider | grid | G cell-updates/s | ms/step | vs reference | of memory floor | peak MB "
               "| first call s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("throughput", []):
-        sp = f"{r['speedup_vs_reference']:.1f}x" if r["speedup_vs_reference"] else "—"
+        sp = f"{r['speedup_vs_reference']:.1f}x" if r.get("speedup_vs_reference") else "—"
         lines.append(f"| {r['model']} | {r['provider']} | {r['size']}² | {r['cell_updates_per_s'] / 1e9:.3f} | "
                      f"{r['s_per_step'] * 1e3:.3f} | {sp} | {r['fraction_of_memory_floor']:.2f} | "
                      f"{r['peak_memory_MB']:.0f} | {r['compile_s']:.1f} |")
@@ -359,7 +370,7 @@ def markdown(report) -> str:
                   "| loads | state | G cell-updates/s | vs plain | TMA used | bit-identical to plain | first call s |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['loads']} | {r['dtype']} | {r['cell_updates_per_s'] / 1e9:.3f} | "
-                  f"{r['speedup_vs_plain']:.2f}x | {r['tma_used']} | {r['bit_identical_to_plain']} | "
+                  f"{r.get('speedup_vs_plain', float('nan')):.2f}x | {r['tma_used']} | {r['bit_identical_to_plain']} | "
                   f"{r['compile_s']:.1f} |"
                   for r in report["interior_loads"]]
     if report.get("decoders"):
@@ -386,11 +397,49 @@ def markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def past_deadline(report, what: str) -> bool:
+    """Whether the run is past its deadline (``what`` is then listed as not run)."""
+    if time.time() < report.get("deadline", float("inf")):
+        return False
+    report.setdefault("skipped", []).append(what)
+    print(f"gpu_check: past the deadline, {what} not run", flush=True)
+    return True
+
+
+def write(report, out: Path) -> None:
+    """gpu_check.json and gpu_check.md as they stand (after every section: a run killed later keeps
+    what was measured)."""
+    report["failures"] = failures(report)
+    atomic_write_bytes(out / "gpu_check.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out / "gpu_check.md", markdown(report).encode())
+
+
+def run_sections(report, sections, out: Path) -> None:
+    """Run ``sections`` (``(name, fn)`` pairs) in order: one that raises is recorded in
+    ``report["errors"]`` with its traceback and the next runs (a GPU session's single call keeps every
+    measurement that did not depend on the failure; after a CUDA error the rest fail fast); one that
+    would start past ``report["deadline"]`` is listed as not run. The report is written after each."""
+    for name, fn in sections:
+        if not past_deadline(report, name):
+            t0 = time.time()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 (every failure is recorded, and fails the run)
+                report.setdefault("errors", []).append({"section": name, "error": f"{type(e).__name__}: {e}",
+                                                        "traceback": traceback.format_exc(limit=-12)})
+                traceback.print_exc()
+            report.setdefault("section_s", {})[name] = time.time() - t0
+        write(report, out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.md")
     ap.add_argument("--quick", action="store_true", help="sizes 256 and 1024 only")
     ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny sizes")
+    ap.add_argument("--deadline", type=float, default=None if DRY else 420.0,
+                    help="seconds: sections (and throughput grid sizes) not started by then are skipped and "
+                         "listed, so that one device call returns its results (default 420; none in a dry run)")
     args = ap.parse_args()
     if not DRY and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (--dry-run runs it on the CPU)")
@@ -401,23 +450,21 @@ def main():
               "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
     t0 = time.time()
-    try:
-        correctness(report)
-        print(json.dumps(report["correctness"], indent=1), flush=True)
-        sizes = [16] if DRY else [256, 1024] if args.quick else [1024, 2048, 4096]
-        decoders(report)
-        throughput(report, sizes, steps=2 if DRY else 10)
-        interior_loads(report, steps=2 if DRY else 10)
-        training(report)
-    except Exception as e:  # keep what was measured
-        report["error"] = f"{type(e).__name__}: {e}"
-        raise
-    finally:
-        report["failures"] = failures(report)
-        report["wall_s"] = time.time() - t0
-        atomic_write_bytes(args.out / "gpu_check.json", json.dumps(report, indent=1).encode())
-        atomic_write_bytes(args.out / "gpu_check.md", markdown(report).encode())
-        print(markdown(report))
+    if args.deadline is not None:
+        report["deadline_s"] = args.deadline
+        report["deadline"] = t0 + args.deadline
+    sizes = [16] if DRY else [256, 1024] if args.quick else [1024, 2048, 4096]
+    steps = 2 if DRY else 10
+    # (in the order the open goals need them: correctness, then the step's throughput, training,
+    # the interior loads' default and the decoders)
+    run_sections(report, [("correctness", lambda: correctness(report)),
+                          ("throughput", lambda: throughput(report, sizes, steps)),
+                          ("training", lambda: training(report)),
+                          ("interior_loads", lambda: interior_loads(report, steps)),
+                          ("decoders", lambda: decoders(report))], args.out)
+    report["wall_s"] = time.time() - t0
+    write(report, args.out)
+    print(markdown(report))
     if report["failures"]:
         sys.exit("gpu_check FAILED: " + "; ".join(report["failures"]))
 

@@ -22,3 +22,45 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(r["compile_s"] >= 0 for r in report["throughput"]) and "compile_s" in report
     assert len(report["decoders"]) == 2
     assert "all checks passed" in (tmp_path / "gpu_check.md").read_text()
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # (defines functions only; nothing runs at import)
+    return module
+
+
+def test_a_section_that_raises_does_not_cost_the_others(tmp_path):
+    """One device call: a failing section is recorded (and fails the run), the next still runs, the
+    report is on disk after every section, and sections past the deadline are listed, not run."""
+    gc = _gpu_check_module()
+    ran = []
+
+    def section(name, fails=False):
+        def fn():
+            ran.append(name)
+            if fails:
+                raise RuntimeError(f"{name} broke")
+            report[f"{name}_rows"] = [{"ok": True}]
+        return name, fn
+
+    def on_disk():
+        return json.loads((tmp_path / "gpu_check.json").read_text())
+
+    report = {"device": "test", "date": "today", "torch": "t", "triton": "t"}
+    gc.run_sections(report, [section("correctness"), section("throughput", fails=True), section("training")],
+                    tmp_path)
+    assert ran == ["correctness", "throughput", "training"]
+    saved = on_disk()
+    assert saved["errors"][0]["section"] == "throughput" and "throughput broke" in saved["errors"][0]["traceback"]
+    assert saved["failures"] == ["throughput raised RuntimeError: throughput broke"] and "training_rows" in saved
+    assert "throughput raised" in (tmp_path / "gpu_check.md").read_text()
+
+    report = {"device": "test", "date": "today", "torch": "t", "triton": "t", "deadline": 0.0, "deadline_s": 0.0}
+    ran.clear()
+    gc.run_sections(report, [section("correctness"), section("training")], tmp_path)
+    assert ran == [] and on_disk()["skipped"] == ["correctness", "training"] and on_disk()["failures"] == []
+    assert "Not run" in (tmp_path / "gpu_check.md").read_text()

@@ -49,6 +49,22 @@ def test_philox_matches_pure_python(seed, np_rng):
     np.testing.assert_array_equal(torch.stack(got).numpy(), want)
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_lean_philox_r0_matches_pure_python(seed, np_rng):
+    """update_mask's Philox (r0 alone, high bits cleared only before a product) against the
+    pure-Python one, on full-range words and on the broadcast counter shapes update_mask passes."""
+    n = 300
+    c = np_rng.integers(0, 2**32, size=(4, n), dtype=np.int64)
+    c[:, :4] = [[0, M32, 0, 1], [M32, 0, 5, 2], [0, 2**32 - 2, M32, M32], [M32, 0, 3, 2**31]]
+    got = rng._philox_r0(*(torch.from_numpy(ci) for ci in c), seed)
+    assert got.dtype == torch.int64
+    np.testing.assert_array_equal(got.numpy(), [numpy_nca.philox(*(int(v) for v in c[:, i]), seed)[0]
+                                                for i in range(n)])
+    cols, rows = torch.arange(2**32 - 5, 2**32 + 6).view(1, -1), torch.tensor([[0], [7], [M32]])
+    args = (cols, rows, torch.tensor(2**32 - 1), torch.tensor(3))
+    assert torch.equal(rng._philox_r0(*args, seed), rng.philox4x32(*args, seed)[0])
+
+
 @pytest.mark.parametrize("seed,step,origin,batch_offset,rate", [
     (0, 0, (0, 0), 0, 0.5),
     (2**33 + 5, 2**32 - 1, (7, 2**32 - 3), 3, 0.25),  # column counter wraps modulo 2**32
