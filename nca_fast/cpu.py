@@ -16,7 +16,8 @@ caches and cores instead of written for clarity:
   single-threaded: torch ops release the GIL, so the threads compute in parallel, with no OpenMP
   fork/join per op (for a band's small ops that overhead costs more than the arithmetic, and on a
   loaded machine each join waits for a descheduled thread). Threads take the next band from a
-  shared counter, so a core slowed by other work takes fewer bands.
+  shared counter, so a core slowed by other work takes fewer bands. A grid of at most
+  ``POOL_BANDS_PER_THREAD`` bands a thread runs on the calling thread instead (see there).
 * The alive mask of a band needs its neighbours' new rows: each band leaves the row max of its new
   alive channel in a shared plane, and is finished (masked) by whichever thread completes the last
   of the three bands it depends on, while the band is still in cache.
@@ -47,10 +48,13 @@ from .spec import Filter, NCASpec
 # of a band stay small next to its arithmetic (~4 ms per band per core). Measured on a 2-core Xeon
 # (2 MiB L2 per core): 16384 cells beat 4096 by 1.3-1.5x from 128^2 to 1024^2, and 32768 or more.
 BAND_CELLS = 16384
-# A grid is cut for the workers only into bands of at least this many cells: below it, handing
-# bands out costs more than it saves (on two cores, 64^2 and 80^2 run fastest in one band on the
-# calling thread, 96^2 and up in two).
-MIN_BAND_CELLS = 4096
+# The worker pool takes a grid only when it has more than this many bands' cells a thread; a
+# smaller one runs on the calling thread, whose large ops (the GEMMs) torch spreads over the cores
+# itself. The workers run Python between a band's ops, which needs the GIL, and each contended
+# hand-over waits for a thread to wake. Measured on 2 cores (2026-12-01, the two interleaved): the
+# calling thread 1.0-1.35x faster from 64^2 to 256^2 (96^2: 2.50 against 3.46 ms; 8 x 64^2 1.1x),
+# the pool 1.02-1.11x faster from 320^2 and 8 x 128^2 up.
+POOL_BANDS_PER_THREAD = 2
 # Worker threads; None: as many as torch's intra-op threads (torch.set_num_threads).
 THREADS: Optional[int] = None
 
@@ -452,14 +456,14 @@ def _new_output(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _band_rows(B: int, H: int, W: int, threads: int) -> int:
-    """Rows per band: ``BAND_CELLS`` cells; a grid too small to give every thread a band is cut into
-    up to one band per thread, each of at least ``MIN_BAND_CELLS`` cells."""
-    rows = max(1, min(H, BAND_CELLS // W))
-    if B * -(-H // rows) < threads:
-        per_image = max(1, min(-(-threads // B), H * W // MIN_BAND_CELLS))
-        rows = -(-H // per_image)
-    return min(rows, H)
+def _band_rows(H: int, W: int) -> int:
+    """Rows per band: ``BAND_CELLS`` cells (at least one row, at most the image)."""
+    return max(1, min(H, BAND_CELLS // W))
+
+
+def _on_pool(cells: int, threads: int) -> bool:
+    """Whether a step of ``cells`` cells runs on the worker pool (else on the calling thread)."""
+    return threads > 1 and cells > threads * POOL_BANDS_PER_THREAD * BAND_CELLS
 
 
 def is_faster(x: torch.Tensor) -> bool:
@@ -492,8 +496,8 @@ def step(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
     x = x.contiguous()
     out = _new_output(x) if out is None else out
     threads = THREADS or torch.get_num_threads()
-    job = _Step(x, params, spec, fire_mask, out, band_rows=_band_rows(B, H, W, threads))
-    if threads <= 1 or len(job.bands) == 1 or x.device.type != "cpu":
+    job = _Step(x, params, spec, fire_mask, out, band_rows=_band_rows(H, W))
+    if not _on_pool(B * H * W, threads) or x.device.type != "cpu":
         job.work()
     else:
         pool = _workers(threads)

@@ -53,21 +53,26 @@ def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
     return c0, c1, c2, c3
 
 
-def _philox_r0(c0, c1, c2, c3, seed: int) -> torch.Tensor:
+def _philox_r0(c0, c1, c2, c3, seed: int):
     """``philox4x32(c0, c1, c2, c3, seed)[0]`` in 4/5 of its ops (what ``update_mask`` draws with):
     a word's bits above 32 are cleared only before it reaches a product (a product's low word feeds
     only XORs, whose high bits the next mask clears), the last round computes r0 alone, and full-size
-    temporaries are updated in place. (Counters as in ``philox4x32``: broadcastable int64 tensors of
-    uint32 values; tests check it against ``philox4x32``.)"""
-    c0, c1, c2, c3 = (torch.as_tensor(c).to(torch.int64) & MASK32 for c in (c0, c1, c2, c3))
+    temporaries are updated in place. Counters: broadcastable int64 torch tensors, or numpy arrays
+    (not 0-d: numpy warns on a scalar's wrap), of uint32 values; the same operators serve both.
+    (Tests check it word for word against ``philox4x32`` and a pure-Python Philox.)"""
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for r in range(PHILOX_ROUNDS):
         pb = c2 * PHILOX_ROUND_B  # (the exact product's low 64 bits, as in _mulhilo)
-        hi_b = torch.bitwise_xor(pb >> 32, c1).bitwise_xor_(k0).bitwise_and_(MASK32)
+        hi_b = (pb >> 32) ^ c1
+        hi_b ^= k0
+        hi_b &= MASK32
         if r == PHILOX_ROUNDS - 1:
             return hi_b
         pa = c0 * PHILOX_ROUND_A
-        c0, c1, c2, c3 = hi_b, pb, torch.bitwise_xor(pa >> 32, c3).bitwise_xor_(k1).bitwise_and_(MASK32), pa
+        hi_a = (pa >> 32) ^ c3
+        hi_a ^= k1
+        hi_a &= MASK32
+        c0, c1, c2, c3 = hi_b, pb, hi_a, pa
         k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
 
 
@@ -105,11 +110,16 @@ def update_mask(batch: int, height: int, width: int, *, seed: int, step: int, fi
     rows = index % height + int(origin[0])
     images = index // height + int(batch_offset)
     cols = torch.arange(width, device=dev, dtype=torch.int64).view(1, width) + int(origin[1])
-    t = torch.tensor(int(step), device=dev)
+    # (every counter masked to its uint32 value; the step as a [1, 1] array, not 0-d: see _philox_r0)
+    rows, images, cols = rows & MASK32, images & MASK32, cols & MASK32
+    t = torch.full((1, 1), int(step) & MASK32, device=dev, dtype=torch.int64)
     flat = out.view(batch * height, width)
     band = batch * height if dev.type == "cuda" else max(1, BAND_CELLS // width)
     for r in range(0, batch * height, band):
-        # (r0 >> 8) < threshold, as r0 < threshold * 256: one op fewer
-        torch.lt(_philox_r0(cols, rows[r: r + band], t, images[r: r + band], seed), threshold << FIRE_SHIFT,
-                 out=flat[r: r + band])
+        args = (cols, rows[r: r + band], t, images[r: r + band])
+        if dev.type == "cpu":  # numpy's ops cost about half of torch's at a band's size (dispatch)
+            r0 = torch.from_numpy(_philox_r0(*(a.numpy() for a in args), seed))
+        else:
+            r0 = _philox_r0(*args, seed)
+        torch.lt(r0, threshold << FIRE_SHIFT, out=flat[r: r + band])  # (r0 >> 8) < threshold
     return out

@@ -228,15 +228,12 @@ def test_any_band_order(padding, alive_padding, monkeypatch):
         _close(cpu.step(x, params, spec, mask), reference.step(x, params, spec, mask))
 
 
-def test_band_rows():
-    assert cpu._band_rows(1, 1024, 1024, 2) == cpu.BAND_CELLS // 1024
-    assert cpu._band_rows(1, 64, 64, 2) == 64  # too small to share: one band on the calling thread
-    assert cpu._band_rows(1, 128, 128, 2) == 64  # a band of 8192 cells per thread
-    assert cpu._band_rows(8, 64, 64, 2) == 64  # (enough images)
-    assert cpu._band_rows(1, 16, 16, 2) == 16  # too small to share
-    assert cpu._band_rows(1, 80, 80, 2) == 80  # 6400 cells: one band
-    assert cpu._band_rows(1, 96, 96, 2) == 48  # two bands of 4608 cells
-    assert cpu._band_rows(1, 3, 5000, 2) == 2
+def test_band_rows_and_pool():
+    assert cpu._band_rows(1024, 1024) == cpu.BAND_CELLS // 1024
+    assert cpu._band_rows(64, 64) == 64 and cpu._band_rows(3, 5000) == 3 and cpu._band_rows(2, 10**6) == 1
+    n = cpu.POOL_BANDS_PER_THREAD * cpu.BAND_CELLS
+    assert not cpu._on_pool(2 * n, 2) and cpu._on_pool(2 * n + 1, 2)  # (more than that many bands a thread)
+    assert not cpu._on_pool(10**8, 1) and cpu._on_pool(3 * n + 1, 3)
 
 
 def test_filters_compile_to_few_ops():

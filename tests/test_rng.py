@@ -56,13 +56,15 @@ def test_lean_philox_r0_matches_pure_python(seed, np_rng):
     n = 300
     c = np_rng.integers(0, 2**32, size=(4, n), dtype=np.int64)
     c[:, :4] = [[0, M32, 0, 1], [M32, 0, 5, 2], [0, 2**32 - 2, M32, M32], [M32, 0, 3, 2**31]]
-    got = rng._philox_r0(*(torch.from_numpy(ci) for ci in c), seed)
+    want = [numpy_nca.philox(*(int(v) for v in c[:, i]), seed)[0] for i in range(n)]
+    got = rng._philox_r0(*(torch.from_numpy(ci) for ci in c), seed)  # (torch: other devices)
     assert got.dtype == torch.int64
-    np.testing.assert_array_equal(got.numpy(), [numpy_nca.philox(*(int(v) for v in c[:, i]), seed)[0]
-                                                for i in range(n)])
-    cols, rows = torch.arange(2**32 - 5, 2**32 + 6).view(1, -1), torch.tensor([[0], [7], [M32]])
-    args = (cols, rows, torch.tensor(2**32 - 1), torch.tensor(3))
+    np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_array_equal(rng._philox_r0(*c, seed), want)  # (numpy: the CPU's)
+    cols, rows = (torch.arange(2**32 - 5, 2**32 + 6) & M32).view(1, -1), torch.tensor([[0], [7], [M32]])
+    args = (cols, rows, torch.tensor([[2**32 - 1]]), torch.tensor([[3]]))
     assert torch.equal(rng._philox_r0(*args, seed), rng.philox4x32(*args, seed)[0])
+    assert np.array_equal(rng._philox_r0(*(a.numpy() for a in args), seed), rng.philox4x32(*args, seed)[0].numpy())
 
 
 @pytest.mark.parametrize("seed,step,origin,batch_offset,rate", [
