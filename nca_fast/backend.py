@@ -5,8 +5,11 @@
 ``"triton"``: the fused kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), forward and
 backward (the step's fused backward kernel; the decoders' backward is the reference's VJP).
 ``"auto"``: the fused kernels on CUDA, with or without gradients (the reference, with a warning,
-where they cannot run); on a CPU the CPU fast path where it is faster, except when autograd has to
-record the call: the CPU fast path has no backward, so the reference runs it.
+where they cannot run); on a CPU the CPU fast path where it is faster (float32 steps), else the
+reference. When autograd records the call on a CPU, the reference while its graph fits in memory (its
+backward is the faster one: it keeps perception and hidden where the CPU path's recomputes them), the
+CPU path when it would not (it keeps one state a step, ``cpu_backward.py``, and beats the reference's
+checkpointed segments).
 """
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ def check_backend(backend: str) -> str:
 
 
 def choose(backend: str, x: torch.Tensor, *, fused_problem: str, cpu_path: bool, cpu_preferred: bool,
-           needs_grad: bool, what: str = "step") -> str:
+           needs_grad: bool, graph_fits: bool = True, what: str = "step") -> str:
     """The path for ``backend`` on state ``x``: ``"reference"``, ``"cpu"`` or ``"triton"``.
 
     ``fused_problem``: why the fused kernels cannot run here ('' when they can); ``cpu_path``: a CPU
     fast path exists for this call; ``cpu_preferred``: ``"auto"`` should take it (it beats the
-    reference here); ``needs_grad``: autograd records the call.
+    reference here); ``needs_grad``: autograd records the call; ``graph_fits``: the reference's
+    autograd graph of the call fits in memory.
     """
     check_backend(backend)
     if backend == "reference":
@@ -41,9 +45,8 @@ def choose(backend: str, x: torch.Tensor, *, fused_problem: str, cpu_path: bool,
     if backend == "cpu":
         if x.device.type != "cpu":
             raise ValueError(f"backend='cpu' runs on a CPU; the state is on {x.device}")
-        if needs_grad or not cpu_path:
-            why = "autograd records it" if needs_grad else "the reference is the CPU path here"
-            return _logged_choice(backend, "reference", why, what)
+        if not cpu_path:
+            return _logged_choice(backend, "reference", "the reference is the CPU path here", what)
         return "cpu"
     if backend == "triton":
         if fused_problem:
@@ -56,10 +59,14 @@ def choose(backend: str, x: torch.Tensor, *, fused_problem: str, cpu_path: bool,
                               RuntimeWarning, stacklevel=3)
             return _logged_choice(backend, "reference", fused_problem, what)
         return _logged_choice(backend, "triton", "state on cuda", what)
+    on_cpu_path = x.device.type == "cpu" and cpu_path and cpu_preferred
+    if needs_grad and on_cpu_path and not graph_fits:
+        return _logged_choice(backend, "cpu", "autograd records it and the reference's graph would not fit in "
+                                              "memory: the CPU path keeps one state a step", what)
     if needs_grad:
-        return _logged_choice(backend, "reference", f"autograd records it on {x.device.type}: the CPU fast path "
-                                                    "has no backward", what)
-    if x.device.type == "cpu" and cpu_path and cpu_preferred:
+        return _logged_choice(backend, "reference", f"autograd records it on {x.device.type}: the reference's "
+                                                    "backward, while its graph fits in memory", what)
+    if on_cpu_path:
         return _logged_choice(backend, "cpu", f"state on cpu, {x.dtype}", what)
     return _logged_choice(backend, "reference", f"state on {x.device.type}, {x.dtype}", what)
 

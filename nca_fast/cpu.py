@@ -480,7 +480,8 @@ def step(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
     contiguous tensor like ``x`` that does not overlap it) receives the result instead of a new
     tensor: reusing it saves a large grid's page faults. Any dtype and device work, but only float32
     on a CPU is what this path is made for. When autograd has to record the step (grad enabled and
-    ``x`` or a weight requires grad) it runs the reference instead.
+    ``x`` or a weight requires grad) it runs the reference instead; :func:`nca_fast.cpu_backward.step`
+    is this step with a backward of its own.
     """
     if out is not None:
         if (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device

@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import backend as backends
-from . import cpu, reference, rng
+from . import cpu, cpu_backward, reference, rng
 from .kernels import config as kconfig
 from .kernels import op as kop
 from .kernels.pack import PackedHead, cached, pack_pixel_shuffle, pack_step
@@ -121,15 +121,16 @@ class NCA(nn.Module):
         a = x[:, 3:4].clamp(0, 1)
         return torch.cat([(1 - a + x[:, :3]).clamp(0, 1), a], 1)
 
-    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
-        """The image of a state, ``[B, 3, H, W]`` in [0, 1]."""
+    def to_rgb(self, x: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+        """The image of a state, ``[B, 3, H, W]`` in [0, 1] (``clamp=False``: not clipped, so that a
+        loss on it keeps its gradient where the image saturates, as Distill's texture training)."""
         self._check_state(x)
         s = self.spec
         if s.render == "rgba_premultiplied":
             rgb = 1 - x[:, 3:4].clamp(0, 1) + x[:, :3]
         else:
             rgb = x[:, :3] * s.render_scale + s.render_offset
-        return rgb.clamp(0, 1)
+        return rgb.clamp(0, 1) if clamp else rgb
 
     # ---- dynamics -----------------------------------------------------------------------------
     def step(self, x: torch.Tensor, *, seed: int = 0, step: int = 0,
@@ -140,8 +141,8 @@ class NCA(nn.Module):
         The update mask is drawn from ``(seed, step, batch index, global row, global column)``
         (see :mod:`nca_fast.rng`); ``origin`` is the (row, column) of ``x[..., 0, 0]`` in the global
         grid. ``update_mask`` (bool ``[B, 1, H, W]``) replaces the random mask; ``fire_rate``
-        replaces the spec's. Differentiable on the reference and the fused path; on a CPU ``"auto"``
-        takes the reference when autograd records the call (the CPU fast path has no backward).
+        replaces the spec's. Differentiable on every path (the CPU fast path's backward recomputes the
+        step from its input: ``cpu_backward.py``; ``"auto"`` on a CPU takes the reference's, faster).
         """
         self._check_state(x)
         fire_rate = self._check_step_args(x, seed, step, update_mask, fire_rate, origin)
@@ -173,7 +174,7 @@ class NCA(nn.Module):
                                           origin=origin, device=x.device)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         if backend == "cpu":
-            return cpu.step(x, self.params(compute), self.spec, update_mask, out=out)
+            return cpu_backward.step(x, self.params(compute), self.spec, update_mask, out=out)
         y = reference.step(x.to(compute), self.params(compute), self.spec, update_mask)
         return y.to(x.dtype)
 
@@ -242,13 +243,14 @@ class NCA(nn.Module):
         step stacked as ``[steps // k, B, C, H, W]``. For long renders use :meth:`frames`.
 
         Differentiable when autograd records it (grad enabled, ``x`` or a weight requiring grad), on
-        the fused path (CUDA) and the reference. The fused path runs the rollout as one autograd node
-        (``kernels/rollout_grad.py``) that saves only each step's input state and alive bytes (its
-        backward recomputes perception and hidden). With ``checkpoint_every=k`` steps run in segments
-        of k whose inner states are recomputed in the backward, so memory grows with the number of
-        segments plus one segment's states. The default (None) keeps the whole graph when it takes
-        under a quarter of the free memory (no recomputation; always under ``torch.compile``, which
-        traces the fused path's op step by step) and segments of about sqrt(steps) otherwise.
+        every path. The fused path runs the rollout as one autograd node (``kernels/rollout_grad.py``)
+        that saves only each step's input state and alive bytes; the CPU fast path saves each step's
+        input state and update mask (both backwards recompute perception and hidden). With
+        ``checkpoint_every=k`` steps run in segments of k whose inner states are recomputed in the
+        backward, so memory grows with the number of segments plus one segment's states. The default
+        (None) keeps the whole graph when it takes under a quarter of the free memory (no
+        recomputation; always under ``torch.compile``, which traces the fused path's op step by step)
+        and segments of about sqrt(steps) otherwise.
         """
         self._check_state(x)
         if self._needs_grad(x):
@@ -275,7 +277,9 @@ class NCA(nn.Module):
         self._check_step_args(x, seed, start_step, None, None, origin)
         if start_step + steps > 2**32:
             raise ValueError(f"step counters start_step + steps = {start_step + steps} exceed 2**32")
-        backend = self._choose(backend, x, needs_grad=True)
+        fits = (backend != "auto" or x.device.type != "cpu" or torch.compiler.is_compiling()
+                or self._graph_fits(x, steps, "reference"))
+        backend = self._choose(backend, x, needs_grad=True, graph_fits=fits)
         cfg = kconfig.step_config(self.spec, self.precision(x.dtype)) if backend == "triton" else None
         if cfg is not None:  # (before any step runs, not in the backward)
             kop.check_backward_size(cfg, x.shape[2], x.shape[3])
@@ -323,8 +327,9 @@ class NCA(nn.Module):
 
     def graph_bytes_per_cell(self, dtype: torch.dtype, backend: str) -> int:
         """What autograd saves per cell and step of a differentiable rollout: the fused step its input
-        state and alive byte; the reference its intermediates (as in :meth:`rollout_bytes_per_cell`)."""
-        if backend == "triton":
+        state and alive byte, the CPU fast path its input state and mask byte; the reference its
+        intermediates (as in :meth:`rollout_bytes_per_cell`)."""
+        if backend in ("triton", "cpu"):
             return self.spec.channels * torch.empty((), dtype=dtype).element_size() + 1
         return self.rollout_bytes_per_cell(dtype, "reference")
 
@@ -364,12 +369,14 @@ class NCA(nn.Module):
         rng.fire_threshold(fire_rate)  # validates the range
         return float(fire_rate)
 
-    def _choose(self, backend: str, x: torch.Tensor, needs_grad: bool) -> str:
-        """'reference', 'cpu' (the CPU fast path) or 'triton' for a requested backend."""
+    def _choose(self, backend: str, x: torch.Tensor, needs_grad: bool, graph_fits: bool = True) -> str:
+        """'reference', 'cpu' (the CPU fast path) or 'triton' for a requested backend (``graph_fits``:
+        the reference's autograd graph of the call fits in memory)."""
         backends.check_backend(backend)
         problem = "" if backend in ("reference", "cpu") else kconfig.step_problem(self.spec, x)
         return backends.choose(backend, x, fused_problem=problem, cpu_path=x.device.type == "cpu",
-                               cpu_preferred=cpu.is_faster(x), needs_grad=needs_grad, what="step")
+                               cpu_preferred=cpu.is_faster(x), needs_grad=needs_grad, graph_fits=graph_fits,
+                               what="step")
 
 
 def random_weights(spec: NCASpec, seed: int = 0) -> Dict[str, torch.Tensor]:

@@ -172,15 +172,16 @@ def test_cli_model_file_missing(tmp_path, capsys):
 
 
 def test_train_bench_times_and_compares_loss_curves(tmp_path, capsys):
-    """``bench --train`` on a tiny case: reference and torch.compile side by side with equal loss
-    curves (float32 on a CPU), files written. (The fused provider: gpu_check's dry run.)"""
-    rc = cli.main(["bench", "--train", "--providers", "reference,compile", "--sizes", "12", "--batches", "2",
+    """``bench --train`` on a tiny case: the reference, the CPU path and torch.compile side by side with
+    equal loss curves (float32 on a CPU), files written. (The fused provider: gpu_check's dry run.)"""
+    rc = cli.main(["bench", "--train", "--providers", "reference,cpu,compile", "--sizes", "12", "--batches", "2",
                    "--repeats", "1", "--device", "cpu", "--out", str(tmp_path), "--name", "t"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| reference |" in out and "| compile |" in out
+    assert "| reference |" in out and "| compile |" in out and "| cpu |" in out
     report = json.loads((tmp_path / "t.json").read_text())
     rows = {r["provider"]: r for r in report["rows"]}
-    assert rows["compile"]["loss_rel_diff"] < 1e-4 and rows["reference"]["seconds"] > 0
+    assert rows["compile"]["loss_rel_diff"] < 1e-4 and rows["cpu"]["loss_rel_diff"] < 1e-4
+    assert rows["reference"]["seconds"] > 0
     assert len(rows["compile"]["losses"]) == 2 and rows["compile"]["losses"][0] > 0
     assert (tmp_path / "t.md").read_text().count("|") > 10

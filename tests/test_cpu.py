@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from nca_fast import NCA, Filter, cpu, growing_spec, reference, rng, texture_spec
+from nca_fast import NCA, Filter, cpu, cpu_backward, growing_spec, reference, rng, texture_spec
 
 
 def _params(spec, seed=0):
@@ -171,11 +171,90 @@ def test_non_contiguous_input(threads, monkeypatch):
 
 
 def test_autograd_falls_back_to_reference(threads):
+    """``cpu.step`` itself records nothing: under autograd it runs the reference (``cpu_backward.step``
+    is the CPU path with a backward)."""
     spec = growing_spec(channels=4, hidden=6)
     params = {k: v.clone().requires_grad_() for k, v in _params(spec).items()}
     y = cpu.step(_state(spec, 1, 5, 5), params, spec, None)
     y.sum().backward()
     assert params["w1"].grad is not None
+
+
+def _grads(step, x, params, gy):
+    """``(y, gx, {name: grad})`` of ``step(x, params)`` for output gradient ``gy``."""
+    x = x.clone().requires_grad_()
+    params = {k: v.clone().requires_grad_() for k, v in params.items()}
+    y = step(x, params)
+    got = torch.autograd.grad(y, [x, *params.values()], gy)
+    return y.detach(), got[0], dict(zip(params, got[1:]))
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 13, 7), (2, 1, 5)])
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-5, 1e-4), (torch.float64, 1e-12, 1e-10)])
+def test_backward_matches_reference(name, shape, dtype, atol, rtol, threads, monkeypatch):
+    """The CPU path's backward against the reference's autograd: the state's and every weight's
+    gradient, alive-masked, clamped, every padding, masked and not."""
+    monkeypatch.setattr(cpu, "BAND_CELLS", 40)
+    spec = SPECS[name]
+    B, H, W = shape
+    x = _state(spec, B, H, W, seed=H).to(dtype)
+    params = {k: v.to(dtype) for k, v in _params(spec, seed=W).items()}
+    gy = torch.randn(B, spec.channels, H, W, generator=torch.Generator().manual_seed(W), dtype=dtype)
+    for mask in (None, rng.update_mask(B, H, W, seed=3, step=1, fire_rate=0.5)):
+        y, gx, gw = _grads(lambda x, p: cpu_backward.step(x, p, spec, mask), x, params, gy)
+        y_ref, gx_ref, gw_ref = _grads(lambda x, p: reference.step(x, p, spec, mask), x, params, gy)
+        torch.testing.assert_close(y, y_ref, atol=atol * 2, rtol=rtol)
+        torch.testing.assert_close(gx, gx_ref, atol=atol, rtol=rtol)
+        for k in params:  # (sums over every cell: a looser absolute tolerance)
+            torch.testing.assert_close(gw[k], gw_ref[k], atol=atol * 10, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+def test_backward_saves_one_state_and_is_reproducible(threads):
+    """Autograd keeps the step's input, its mask and the weights (nothing of size hidden x cells),
+    and the gradients are bit-identical run to run."""
+    spec = growing_spec()
+    x = _state(spec, 2, 12, 10)
+    params = _params(spec)
+    mask = rng.update_mask(2, 12, 10, seed=3, step=1, fire_rate=0.5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        runs = [_grads(lambda x, p: cpu_backward.step(x, p, spec, mask), x, params, torch.ones_like(x))
+                for _ in range(2)]
+    weights = sum(v.numel() for v in params.values())
+    assert sum(saved) == 2 * (x.numel() + mask.numel() + weights)
+    assert torch.equal(runs[0][1], runs[1][1]) and all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in params)
+
+
+@pytest.mark.parametrize("backend, fits, checkpoint_every", [("cpu", True, None), ("cpu", True, 2),
+                                                             ("auto", False, None)])
+def test_rollout_trains_through_it(backend, fits, checkpoint_every, threads, monkeypatch):
+    """A rollout trains through the CPU path with ``backend='cpu'``, and with ``'auto'`` when the
+    reference's graph would not fit in memory: its gradients are the reference's (with and without
+    checkpointed segments)."""
+    monkeypatch.setattr(cpu, "BAND_CELLS", 64)
+    monkeypatch.setattr(NCA, "_graph_fits", lambda self, *a: fits)
+    calls = []
+    step = cpu.step
+    monkeypatch.setattr(cpu, "step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    model = NCA(growing_spec(channels=6, hidden=12), init_seed=2)
+    x = _state(model.spec, 2, 11, 9)
+    grads = {}
+    for b in (backend, "reference"):
+        model.zero_grad()
+        y = model.rollout(x, 5, seed=7, backend=b, checkpoint_every=checkpoint_every)
+        y[:, :4].square().mean().backward()
+        grads[b] = {k: v.grad.clone() for k, v in model.named_parameters()}
+    assert calls  # the CPU path ran
+    for k, want in grads["reference"].items():
+        torch.testing.assert_close(grads[backend][k], want, atol=1e-6, rtol=1e-4)
+
+
+def test_auto_trains_with_the_reference_while_its_graph_fits(monkeypatch):
+    monkeypatch.setattr(cpu, "step", lambda *a, **k: pytest.fail("the CPU path ran"))
+    model = NCA(growing_spec(channels=6, hidden=12), init_seed=2)
+    model.rollout(_state(model.spec, 1, 6, 6), 3, seed=7).sum().backward()
+    assert model.w1.grad is not None
 
 
 def test_weights_that_require_grad_under_no_grad(threads, monkeypatch):

@@ -359,8 +359,9 @@ class _OnCuda:
 
 
 def test_gradients_only_go_through_paths_that_have_a_backward():
-    """The fused path has a backward (auto on CUDA keeps it); the CPU fast path has none (auto on a CPU
-    and backend='cpu' take the reference when autograd records)."""
+    """The fused path has a backward (auto on CUDA keeps it), and so has the CPU fast path (backend='cpu'
+    keeps it; auto on a CPU takes the reference's, faster, unless the reference's graph would not fit in
+    memory; the decoders, which have no CPU path, take the reference)."""
     for needs_grad in (True, False):
         assert backend.choose("auto", _OnCuda(), fused_problem="", cpu_path=False, cpu_preferred=False,
                               needs_grad=needs_grad) == "triton"
@@ -368,12 +369,16 @@ def test_gradients_only_go_through_paths_that_have_a_backward():
                               needs_grad=needs_grad) == "triton"
     x = torch.zeros(1, 4, 6, 6)
     on_cpu = dict(fused_problem="", cpu_path=True, cpu_preferred=True)
+    for needs_grad in (True, False):
+        assert backend.choose("cpu", x, **on_cpu, needs_grad=needs_grad) == "cpu"
+        assert backend.choose("auto", x, **on_cpu, needs_grad=needs_grad, graph_fits=False) == "cpu"
+        assert backend.choose("auto", x, fused_problem="", cpu_path=False, cpu_preferred=False,
+                              needs_grad=needs_grad) == "reference"
     assert backend.choose("auto", x, **on_cpu, needs_grad=True) == "reference"
-    assert backend.choose("cpu", x, **on_cpu, needs_grad=True) == "reference"
     assert backend.choose("auto", x, **on_cpu, needs_grad=False) == "cpu"
     model = nca_fast.NCA(growing_spec(channels=4, hidden=8))
     x = model.seed(1, 6, 6) + 0.1
-    model.step(x, seed=1).sum().backward()  # auto on a CPU: the reference, so the weights get their gradients
+    model.step(x, seed=1).sum().backward()  # auto on a CPU: the reference, and the weights get their gradients
     assert model.w1.grad is not None and model.w1.grad.abs().sum() > 0
 
 

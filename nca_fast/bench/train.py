@@ -6,8 +6,9 @@ per-parameter gradient normalisation and an Adam step. Each provider starts from
 and inputs and runs the same iterations (the same update masks), so their loss curves are compared
 as well as their times:
 
-- ``reference``: ``model.rollout(..., backend="reference")``, the plain-PyTorch path (what
-  ``backend="auto"`` trains with on a CPU);
+- ``reference``: ``model.rollout(..., backend="reference")``, the plain-PyTorch path;
+- ``cpu``: ``model.rollout(..., backend="cpu")``, the CPU fast path and its backward (what
+  ``backend="auto"`` trains with on a CPU when the reference's graph would not fit in memory);
 - ``compile``: the same reference step under ``torch.compile`` (its backward by AOTAutograd), in the
   same loop with the same masks;
 - ``triton``: ``model.rollout(..., backend="triton")``, the fused step and its fused backward (CUDA),
@@ -31,14 +32,14 @@ from ..train import normalise_gradients, rgba_loss
 from .cases import realistic_state
 from .runner import device_sync
 
-TRAIN_PROVIDERS = ("reference", "compile", "triton", "triton-launches")
+TRAIN_PROVIDERS = ("reference", "cpu", "compile", "triton", "triton-launches")
 
 
 def _iteration_fn(name: str, model: NCA, steps: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """``rollout(x0, k) -> final state`` with gradients, for provider ``name``."""
-    if name in ("reference", "triton", "triton-launches"):
+    if name in ("reference", "cpu", "triton", "triton-launches"):
         model.cuda_graphs = name == "triton"
-        backend = "reference" if name == "reference" else "triton"
+        backend = name if name in ("reference", "cpu") else "triton"
         return lambda x0, k: model.rollout(x0, steps, seed=k, backend=backend)
     spec = model.spec
     names = list(spec.parameter_shapes())
@@ -61,6 +62,8 @@ def _iteration_fn(name: str, model: NCA, steps: int) -> Callable[[torch.Tensor, 
 def unavailable(name: str, device: torch.device) -> str:
     if name.startswith("triton") and device.type != "cuda" and not interpreting():
         return "the fused path trains on CUDA (on a CPU, backend='auto' trains with the reference)"
+    if name == "cpu" and device.type != "cpu":
+        return "the CPU fast path runs on a CPU only"
     return ""
 
 

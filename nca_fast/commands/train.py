@@ -1,5 +1,5 @@
 """``nca-fast train TARGET.png --out model.safetensors``: train a growing NCA on an image as Distill's
-*Growing Neural Cellular Automata* does (sample pool, damage, 64-96 steps, Adam with a step
+*Growing Neural Cellular Automata* does (sample pool, damage, 64-95 steps, Adam with a step
 schedule), with a progress bar, atomic resumable checkpoints (``--checkpoint``, ``--resume``) and
 the model written in nca_fast's format (``nca_fast.load`` reads it)."""
 from __future__ import annotations
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
                    help=f"rollout length range ({d.min_steps} {d.max_steps})")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lr-decay-at", type=int, default=d.lr_decay_at, metavar="N",
-                   help=f"iteration from which the learning rate is 10x smaller ({d.lr_decay_at})")
+                   help=f"iteration after which the learning rate is 10x smaller ({d.lr_decay_at})")
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--seed", type=int, default=d.seed, help="weights init, sampling, damage and update masks")

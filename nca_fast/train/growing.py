@@ -1,11 +1,12 @@
 """Train a growing NCA the way Distill's *Growing Neural Cellular Automata* does.
 
 Per iteration: draw a batch of 8 from a pool of 1024 states, sort it by loss, put the seed in place
-of the worst sample and damage the 3 best (a random disc erased), roll it out for 64-96 steps,
+of the worst sample and damage the 3 best (a random disc erased), roll it out for 64-95 steps,
 take the mean squared error of the RGBA channels against the premultiplied target, normalise each
 parameter's gradient to unit norm, take an Adam step (learning rate 2e-3, x0.1 after 2000
 iterations) and write the batch back to the pool. The rollout runs on the model's differentiable
-backends: the fused step and its backward on CUDA, the reference on a CPU.
+backends: the fused step and its backward on CUDA; on a CPU the reference, or the CPU fast path and
+its backward where the reference's graph would not fit in memory.
 """
 from __future__ import annotations
 
@@ -31,15 +32,15 @@ from .progress import Progress
 @dataclass(frozen=True)
 class GrowingConfig:
     """The recipe's numbers (Distill's defaults; ``pool=0`` trains from the seed every time)."""
-    target_size: int = 40  # the target's longer side, in cells
-    padding: int = 16  # empty cells around the target
+    target_size: int = 40  # the target's longer side, in cells (load_target's; nca-fast train loads with it)
+    padding: int = 16  # empty cells around the target (likewise)
     batch: int = 8
     pool: int = 1024
     damage: int = 3  # damaged samples per batch
-    min_steps: int = 64
-    max_steps: int = 96
+    min_steps: int = 64  # rollout lengths: min_steps .. max_steps, both included (Distill: 64-95)
+    max_steps: int = 95
     lr: float = 2e-3
-    lr_decay_at: int = 2000  # the learning rate drops 10x from this iteration on
+    lr_decay_at: int = 2000  # the learning rate drops 10x after this iteration
     iterations: int = 8000
     seed: int = 0  # pool sampling, damage, rollout lengths and update masks
     checkpoint_every: Optional[int] = None  # rollout checkpoint segments (see NCA.rollout)
@@ -62,8 +63,9 @@ class GrowingConfig:
 
 
 def step_schedule(lr: float, decay_at: int, iteration: int) -> float:
-    """Distill's piecewise-constant schedule: ``lr``, then ``lr / 10`` from iteration ``decay_at`` on."""
-    return lr * (0.1 if iteration >= decay_at else 1.0)
+    """Distill's piecewise-constant schedule (Keras' ``PiecewiseConstantDecay([decay_at], [lr, lr/10])``
+    on the optimizer's 0-based step): ``lr`` up to iteration ``decay_at`` included, then ``lr / 10``."""
+    return lr * (0.1 if iteration > decay_at else 1.0)
 
 
 @dataclass
@@ -74,17 +76,19 @@ class TrainResult:
 
 def load_target(path, size: int = 40, padding: int = 16) -> torch.Tensor:
     """An image file -> the premultiplied RGBA target ``[4, h + 2*padding, w + 2*padding]``, its
-    longer side shrunk to ``size`` (antialiased; never enlarged). Without alpha, every pixel is opaque."""
+    longer side shrunk to ``size`` (antialiased, premultiplied, as Pillow resizes RGBA for Distill: no
+    colour of transparent pixels bleeds into the edges; never enlarged). Without alpha, every pixel is
+    opaque."""
     img = load_image(path)
     if img.shape[0] == 3:
         img = torch.cat([img, torch.ones_like(img[:1])])
+    img = torch.cat([img[:3] * img[3:], img[3:]])
     h, w = img.shape[1:]
     s = min(1.0, size / max(h, w))
     if s < 1.0:
         hw = (max(1, round(h * s)), max(1, round(w * s)))
         img = F.interpolate(img[None], size=hw, mode="bilinear", antialias=True, align_corners=False)[0]
-    img = torch.cat([img[:3] * img[3:], img[3:]]).clamp(0, 1)
-    return F.pad(img, (padding,) * 4)
+    return F.pad(img.clamp(0, 1), (padding,) * 4)
 
 
 def distill_weights(spec: NCASpec, generator: torch.Generator):
@@ -145,7 +149,7 @@ def train_growing(target: torch.Tensor, config: GrowingConfig = GrowingConfig(),
     if resume and checkpoint is not None and Path(checkpoint).exists():
         tensors, saved = ckpt.load(checkpoint)
         for key in ("config", "spec", "backend"):
-            if saved.get(key) != meta[key]:
+            if _comparable(key, saved.get(key)) != _comparable(key, meta[key]):
                 what = "model spec" if key == "spec" else f"{key} ({json.dumps(saved.get(key))[:300]})"
                 raise ValueError(f"{checkpoint}: saved with another {what}; resume it with the same settings, "
                                  "or start afresh without --resume")
@@ -177,6 +181,17 @@ def train_growing(target: torch.Tensor, config: GrowingConfig = GrowingConfig(),
             save_checkpoint()
     bar.close()
     return TrainResult(model.requires_grad_(False), losses)
+
+
+def _comparable(key: str, value):
+    """A checkpoint's metadata entry as resuming compares it: the spec without its ``name`` (the
+    output file's, which a resumed run may change)."""
+    if key != "spec" or not isinstance(value, str):
+        return value
+    try:
+        return {k: v for k, v in json.loads(value).items() if k != "name"}
+    except (ValueError, AttributeError):
+        return value
 
 
 def _iteration(model: NCA, opt, pool: SamplePool, seed_state, target, cfg: GrowingConfig, it: int,

@@ -4,21 +4,22 @@ The published recipe matches Gram matrices of VGG-16 activations of the rendered
 the target image. nca_fast downloads nothing, so the feature network is yours: any callable from
 RGB images ``[B, 3, H, W]`` in [0, 1] to a list of feature maps ``[B, K_i, H_i, W_i]`` (e.g. the
 first conv blocks of ``torchvision.models.vgg16(weights="IMAGENET1K_V1").features``, with its
-ImageNet normalisation). Per iteration: a batch of 4 from a pool of 1024 states (the first replaced
-by the seed every 8 iterations), 32-64 steps, the style loss plus an overflow loss that keeps the
-state in [-1, 1], per-parameter gradient normalisation, Adam 2e-3 (x0.1 after 2000 iterations).
+ImageNet normalisation). Per iteration, as Distill's PyTorch texture notebook: a batch of 4 from a
+pool of 1024 states (the first replaced by the seed every 8 iterations), 32-95 steps, the style loss of
+the unclipped image plus an overflow loss that keeps the state in [-1, 1] (``|x - clamp(x, -1, 1)|``
+summed), per-parameter gradient normalisation, Adam 1e-3 (x0.3 from iterations 1000 and 2000).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..model import NCA
 from ..spec import NCASpec, texture_spec
 from ..utils.checks import check_int
-from .growing import TrainResult, distill_weights, normalise_gradients, step_schedule
+from .growing import TrainResult, distill_weights, normalise_gradients
 from .pool import SamplePool
 from .progress import Progress
 
@@ -30,10 +31,11 @@ class TextureConfig:
     size: int = 128  # the grid's side during training
     batch: int = 4
     pool: int = 1024
-    min_steps: int = 32
-    max_steps: int = 64
-    lr: float = 2e-3
-    lr_decay_at: int = 2000
+    min_steps: int = 32  # rollout lengths: min_steps .. max_steps, both included
+    max_steps: int = 95
+    lr: float = 1e-3
+    lr_decay_at: Tuple[int, ...] = (1000, 2000)  # iterations from which the rate is lr_decay times smaller
+    lr_decay: float = 0.3
     iterations: int = 8000
     reseed_every: int = 8  # the batch's first sample becomes the seed every this many iterations
     overflow_weight: float = 1.0
@@ -44,6 +46,12 @@ class TextureConfig:
             check_int(name, getattr(self, name), 1)
         check_int("max_steps", self.max_steps, self.min_steps, 10**6)
         check_int("pool", self.pool, self.batch)
+        for at in self.lr_decay_at:
+            check_int("lr_decay_at", at, 0)
+
+    def lr_at(self, iteration: int) -> float:
+        """torch's ``MultiStepLR(milestones=lr_decay_at, gamma=lr_decay)``, stepped once an iteration."""
+        return self.lr * self.lr_decay ** sum(iteration >= at for at in self.lr_decay_at)
 
 
 def gram(f: torch.Tensor) -> torch.Tensor:
@@ -90,11 +98,12 @@ def train_texture(target_rgb: torch.Tensor, features: Features, config: TextureC
         steps = int(torch.randint(config.min_steps, config.max_steps + 1, (1,), generator=g))
         mask_seed = int(torch.randint(0, 2**62, (1,), generator=g))
         for group in opt.param_groups:
-            group["lr"] = step_schedule(config.lr, config.lr_decay_at, it)
+            group["lr"] = config.lr_at(it)
         opt.zero_grad(set_to_none=True)
         x = model.rollout(x0, steps, seed=mask_seed, backend=backend)
-        overflow = (x - x.clamp(-1.0, 1.0)).abs().mean()
-        loss = style_loss(features, model.to_rgb(x), target_grams).mean() + config.overflow_weight * overflow
+        overflow = (x - x.clamp(-1.0, 1.0)).abs().sum()
+        loss = (style_loss(features, model.to_rgb(x, clamp=False), target_grams).mean()
+                + config.overflow_weight * overflow)
         loss.backward()
         normalise_gradients(model.parameters())
         opt.step()
