@@ -55,6 +55,8 @@ def load_image(path) -> torch.Tensor:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise InputFileError(path, f"image of {im.width}x{im.height} pixels, more than the "
                                                f"{MAX_IMAGE_PIXELS} this reads")
+                if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16/32-bit grey, float grey
+                    return _wide_grey(im)
                 has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
                 im = im.convert("RGBA" if has_alpha else "RGB")
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
@@ -66,6 +68,21 @@ def load_image(path) -> torch.Tensor:
                 raise
             raise InputFileError(path, f"not a readable image ({type(e).__name__}: {str(e)[:200]})") from None
     return t.permute(2, 0, 1).float() / 255.0
+
+
+def _wide_grey(im) -> torch.Tensor:
+    """A 16-bit, 32-bit integer or float grey image as ``[3, H, W]`` in [0, 1] (``convert("RGB")``
+    would clip it to 8 bits): 16-bit by its range, 32-bit integers by 65535 (or 255 when every value
+    fits in 8 bits), floats as they are, clipped."""
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        scale = 1.0
+    elif im.mode == "I" and (a.size == 0 or a.max() <= 255):
+        scale = 255.0
+    else:
+        scale = 65535.0
+    g = torch.from_numpy(np.nan_to_num(a / scale).clip(0, 1)).float()
+    return g.expand(3, *g.shape).clone()
 
 
 def to_frame(rgb: torch.Tensor, scale: int = 1) -> np.ndarray:

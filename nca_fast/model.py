@@ -13,12 +13,12 @@ from . import backend as backends
 from . import cpu, cpu_backward, reference, rng
 from .kernels import config as kconfig
 from .kernels import op as kop
-from .kernels.pack import PackedHead, cached, pack_pixel_shuffle, pack_step
+from .kernels.pack import PackedHead, cached, forget_packed, pack_pixel_shuffle, pack_step
 from .kernels.rollout import FusedRollout, fused_stream
 from .kernels.rollout_grad import fused_rollout_grad, held_bytes
 from .precision import check_fp32_precision, state_precision
 from .spec import NCASpec
-from .utils.checks import available_bytes, check_int, check_memory, check_state, register_weights
+from .utils.checks import STATE_DTYPES, available_bytes, check_int, check_memory, check_state, register_weights
 
 BACKENDS = backends.BACKENDS
 
@@ -77,6 +77,12 @@ class NCA(nn.Module):
             return pack_step(self.params(), self.spec, precision, device, torch.float32)
         return cached(self, ("step", precision, device), lambda: pack_step(self.params(), self.spec, precision, device))
 
+    def forget_packed(self) -> None:
+        """Drop the fused path's packed weights. Needed only after writing the weights through
+        ``.data`` (unversioned by PyTorch, so the cache cannot see it); optimizers, ``load_state_dict``
+        and in-place ops under ``torch.no_grad()`` are seen."""
+        forget_packed(self)
+
     def fused_rollout(self, shape, dtype: torch.dtype, steps: int, *, origin: Tuple[int, int] = (0, 0),
                       decoder=None) -> FusedRollout:
         """A :class:`~nca_fast.kernels.rollout.FusedRollout` of ``steps`` steps for states of ``shape``
@@ -102,6 +108,8 @@ class NCA(nn.Module):
         """The spec's seed state ``[B, C, H, W]``: zeros, plus one live centre cell for ``"center"``."""
         for what, v in (("batch", batch), ("height", height), ("width", width)):
             check_int(what, v, 1)
+        if dtype not in STATE_DTYPES:
+            raise ValueError(f"a state's dtype is one of {', '.join(str(d) for d in STATE_DTYPES)}, got {dtype}")
         device = self.w1.device if device is None else device
         C, elt = self.spec.channels, torch.empty((), dtype=dtype).element_size()
         what = f"a {batch}x{C}x{height}x{width} {str(dtype).replace('torch.', '')} state"
@@ -253,6 +261,11 @@ class NCA(nn.Module):
         and segments of about sqrt(steps) otherwise.
         """
         self._check_state(x)
+        if every is not None:  # the states it returns, before any step runs
+            kept = check_int("steps", steps, 0) // check_int("every", every, 1)
+            B, C, H, W = x.shape
+            per_cell = B * C * x.element_size() * kept
+            check_memory(H * W * per_cell, x.device, f"the {kept} states kept by every={every}", per_cell=per_cell)
         if self._needs_grad(x):
             return self._rollout_grad(x, steps, seed, start_step, every, origin, backend, checkpoint_every)
         with torch.no_grad():
@@ -374,7 +387,8 @@ class NCA(nn.Module):
         the reference's autograd graph of the call fits in memory)."""
         backends.check_backend(backend)
         problem = "" if backend in ("reference", "cpu") else kconfig.step_problem(self.spec, x)
-        return backends.choose(backend, x, fused_problem=problem, cpu_path=x.device.type == "cpu",
+        cpu_path = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        return backends.choose(backend, x, fused_problem=problem, cpu_path=cpu_path,
                                cpu_preferred=cpu.is_faster(x), needs_grad=needs_grad, graph_fits=graph_fits,
                                what="step")
 

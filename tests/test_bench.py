@@ -171,6 +171,23 @@ def test_cli_model_file_missing(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--sizes", "100000"], "more than the"),
+    (["--sizes", "0"], "--sizes must be ints >= 3"),
+    (["--train", "--sizes", "0"], "--sizes must be ints >= 3"),
+    (["--distributed", "--ranks", "0"], "--ranks must be ints >= 1"),
+    (["--device", "foo"], "not a torch device"),
+    (["--name", "sub/x"], "a file stem, not a path"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--model-name", "mondrian"], "--model-name needs --model"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(extra, message, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert cli.main(["bench", "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # the output folder is made only for a run that starts
+
+
 def test_train_bench_times_and_compares_loss_curves(tmp_path, capsys):
     """``bench --train`` on a tiny case: the reference, the CPU path and torch.compile side by side with
     equal loss curves (float32 on a CPU), files written. (The fused provider: gpu_check's dry run.)"""

@@ -306,6 +306,41 @@ def test_image_bomb_is_refused_before_decoding(tmp_path, capsys):
     assert "not a readable image" in capsys.readouterr().err
 
 
+def test_rollout_counts_the_states_it_keeps(monkeypatch):
+    """``every=k`` returns steps // k states: refused before any step when they cannot fit."""
+    from nca_fast.utils import checks
+    monkeypatch.setattr(checks, "_available_bytes", lambda device: 8 << 20)
+    model = nca_fast.NCA(growing_spec(channels=4, hidden=8)).requires_grad_(False)
+    x = model.seed(1, 64, 64)  # 64 KiB a state
+    assert model.rollout(x, 3, every=1).shape == (3, 1, 4, 64, 64)
+    with pytest.raises(MemoryError, match="the 200 states kept by every=1"):
+        model.rollout(x, 200, every=1)
+
+
+def test_seed_refuses_a_dtype_no_method_takes():
+    with pytest.raises(ValueError, match="a state's dtype is one of"):
+        nca_fast.NCA(growing_spec(channels=4, hidden=8)).seed(1, 4, 4, dtype=torch.int32)
+
+
+def test_cpu_backend_takes_16_bit_states_to_the_reference():
+    model = nca_fast.NCA(growing_spec(channels=4, hidden=8)).requires_grad_(False)
+    x = model.seed(1, 8, 8, dtype=torch.float16) + 0.1
+    y = model.step(x, seed=1, backend="cpu")
+    assert y.dtype == torch.float16 and torch.equal(y, model.step(x, seed=1, backend="reference"))
+
+
+def test_wide_grey_images_keep_their_range(tmp_path):
+    """16-bit and float grey images load scaled to [0, 1], not clipped to 8 bits."""
+    Image = pytest.importorskip("PIL.Image")
+    ramp = (np.arange(1024, dtype=np.uint32).reshape(4, 256) * 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    t = media.load_image(tmp_path / "g16.png")
+    assert t.shape == (3, 4, 256)
+    torch.testing.assert_close(t[1], torch.from_numpy(ramp / 65535.0).float())
+    Image.fromarray(np.full((3, 5), 0.25, np.float32)).save(tmp_path / "f.tiff")
+    assert torch.allclose(media.load_image(tmp_path / "f.tiff"), torch.full((3, 3, 5), 0.25))
+
+
 def test_decoder_spec_caps_and_short_messages():
     t = time.perf_counter()
     with pytest.raises(ValueError, match="layers must be at most 64, got 10000000"):

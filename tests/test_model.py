@@ -356,3 +356,19 @@ def test_auto_rollout_reuses_its_own_buffers_but_never_the_input():
     assert torch.equal(x, before)
     for a, r in zip(auto, ref):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_weights_follow_the_parameters():
+    """The fused path's packed weights are repacked after an optimizer's or a no_grad in-place change;
+    a write through ``.data`` (unversioned) needs ``forget_packed``."""
+    model = NCA(growing_spec(channels=4, hidden=8), init_seed=1)
+    first = model.packed_weights(torch.float32)
+    assert model.packed_weights(torch.float32) is first
+    with torch.no_grad():
+        model.w2.add_(1.0)
+    second = model.packed_weights(torch.float32)
+    assert second is not first
+    model.w2.data.zero_()
+    assert model.packed_weights(torch.float32) is second  # the blind spot the docstring names
+    model.forget_packed()
+    assert not bool(model.packed_weights(torch.float32)[2].any())  # (w1, wb, w2, b2, scales)

@@ -105,6 +105,10 @@ def test_view_errors_come_from_the_command_line(tmp_path, capsys):
     assert main(["view", "growing", "--size", "4096x4096"]) == 2
     assert "4096x4096" in capsys.readouterr().err
     assert main(["view", "growing", "--max-clients", "0"]) == 2
+    from nca_fast.decoders import build_decoder, pixel_shuffle_spec, save_decoder
+    save_decoder(build_decoder(pixel_shuffle_spec(12, scale=2)), tmp_path / "tex.safetensors")
+    assert main(["view", "growing", "--decoder", str(tmp_path / "tex.safetensors")]) == 2
+    assert "takes 12 channels, model 'growing' has 16" in capsys.readouterr().err
 
 
 def test_simulation_renders_through_a_decoder_at_the_pages_scale():

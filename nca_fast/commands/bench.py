@@ -16,6 +16,7 @@ from ..bench.render import run_render
 from ..bench.report import default_stem
 from ..bench.suite import device_info, machine_info
 from ..bench.train import TRAIN_PROVIDERS, run_train, train_table
+from ..utils.checks import check_memory, device_arg
 from ..utils.files import atomic_write_bytes
 from .info import load_model
 
@@ -33,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--models", default="growing,texture", help="built-in models (default: %(default)s)")
     p.add_argument("--model", metavar="FILE", help="benchmark this model file (anything nca_fast.load reads) "
                                                    "instead of the built-in models")
+    p.add_argument("--model-name", metavar="NAME", help="the model to take from a --model file that holds "
+                                                        "several (Distill's textures JSON, TF.js exports)")
     p.add_argument("--batches", type=int, nargs="+", metavar="B",
                    help="batch sizes; batches > 1 only up to 128x128 (default: 1 8 on a GPU or with --full, "
                         "1 on a CPU)")
@@ -61,23 +64,43 @@ def _check_out(folder: Path) -> None:
         raise PermissionError(f"cannot write to the --out folder {folder}")
 
 
+def _check_args(args) -> None:
+    """Every number and name checked before anything is measured or made."""
+    if args.model_name is not None and not args.model:
+        raise ValueError("--model-name needs --model")
+    if args.name and (Path(args.name).name != args.name or args.name in (".", "..")):
+        raise ValueError(f"--name {args.name!r} is a file stem, not a path (the folder is --out)")
+    for flag, values, lo in (("--sizes", args.sizes, 3), ("--batches", args.batches, 1),
+                             ("--ranks", args.ranks if args.distributed else None, 1)):
+        if values is not None and (not values or min(values) < lo):
+            raise ValueError(f"{flag} must be ints >= {lo}, got {values}")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+
+
+def _check_fits(models, sizes, batches, device: torch.device) -> None:
+    """The largest case's reference step (the heaviest provider) fits in memory."""
+    for name, model in models.items():
+        per_cell = max(batches) * model.rollout_bytes_per_cell(torch.float32, "reference")
+        check_memory(max(sizes) ** 2 * per_cell, device, f"a {max(sizes)}x{max(sizes)} step of {name} at batch "
+                     f"{max(batches)}", per_cell=per_cell)
+
+
 def run(args) -> int:
-    _check_out(Path(args.out))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is available")
+    _check_args(args)
+    device = device_arg(args.device or "auto")
     gpu = device.type == "cuda"
-    if args.train:
-        return _run_train(args, device)
-    if args.distributed:
-        return _run_distributed(args)
+    if args.train or args.distributed:
+        model = load_model(args.model, args.model_name) if args.model else C.default_model("growing")
+        size = args.sizes[0] if args.sizes else (72 if args.train else 256)
+        batch = args.batches[0] if args.batches and args.train else (8 if args.train else 1)
+        _check_fits({"the model": model}, [size], [batch], device)
+        _check_out(Path(args.out))
+        return _run_train(args, device, model, size, batch) if args.train else _run_distributed(args, model, size)
     if args.model:
-        model = load_model(args.model)
-        name = Path(args.model).stem
-        models = {name: model}
+        models = {args.model_name or Path(args.model).stem: load_model(args.model, args.model_name)}
     else:
-        names = [m.strip() for m in args.models.split(",") if m.strip()]
-        models = {n: C.default_model(n) for n in names}
+        models = {n: C.default_model(n) for n in (m.strip() for m in args.models.split(",")) if n}
     if args.providers:
         providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     elif args.full:
@@ -89,11 +112,10 @@ def run(args) -> int:
     else:
         sizes = C.GPU_SIZES if gpu else (C.CPU_FULL_SIZES if args.full else C.CPU_QUICK_SIZES)
     batches = args.batches or ([1, 8] if gpu or args.full else [1])
-    for b in batches:
-        if b < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {b}")
     cases = bench.make_cases(list(models), sizes, batches)
     settings = bench.Settings.for_mode(args.full, args.repeats)
+    _check_fits(models, sizes, [1] if max(sizes) > C.BATCH8_MAX_SIZE else batches, device)
+    _check_out(Path(args.out))
 
     log = lambda s: print(s, file=sys.stderr, flush=True)
     report = bench.run(cases, models, providers, device, settings, log=log, argv=sys.argv[1:])
@@ -105,12 +127,9 @@ def run(args) -> int:
     return 0
 
 
-def _run_train(args, device: torch.device) -> int:
-    model = load_model(args.model) if args.model else C.default_model("growing")
+def _run_train(args, device: torch.device, model, size: int, batch: int) -> int:
     providers = [p.strip() for p in args.providers.split(",")] if args.providers else list(TRAIN_PROVIDERS)
     iterations = args.repeats or (10 if device.type == "cuda" else 3)
-    size = args.sizes[0] if args.sizes else 72
-    batch = args.batches[0] if args.batches else 8
     log = lambda s: print(s, file=sys.stderr, flush=True)
     report = run_train(model, device, providers, size=size, batch=batch, iterations=iterations, log=log)
     report.update(machine=machine_info(), device_info=device_info(device), created=datetime.now().isoformat())
@@ -124,9 +143,7 @@ def _run_train(args, device: torch.device) -> int:
     return 0
 
 
-def _run_distributed(args) -> int:
-    model = load_model(args.model) if args.model else C.default_model("growing")
-    size = args.sizes[0] if args.sizes else 256
+def _run_distributed(args, model, size: int) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)
     report = run_distributed(model.spec, args.ranks, size=size, steps=args.repeats or 16, log=log)
     info = {"machine": machine_info(), "created": datetime.now().isoformat(),

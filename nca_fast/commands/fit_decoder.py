@@ -50,7 +50,7 @@ def _check(args) -> torch.device:
 
 def run(args) -> int:
     device = _check(args)
-    grid = parse_size(args.grid) if args.grid else None
+    grid = parse_size(args.grid, "--grid") if args.grid else None
     image = load_image(args.image)
     model = load_model(args.model, args.name).to(device)
     every = max(1, args.steps // 10)

@@ -21,7 +21,7 @@ import triton
 from ..kernels import catalogue
 from ..kernels.compile import SHARED_LIMIT, TARGETS, compile_config
 from ..kernels.config import interpreting
-from ..utils.files import atomic_write_bytes
+from ..utils.files import atomic_write_bytes, check_output
 
 BUDGET_TRITON = "3.9"  # the release the budgets were set on; other releases are reported, not gated
 
@@ -67,6 +67,10 @@ def run(args) -> int:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "nca_fast.cli", *sys.argv[1:]], env=env)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.json:  # (before compiling anything)
+        check_output(args.json, (".json",), "--json")
+    if args.dump and Path(args.dump).exists() and not Path(args.dump).is_dir():
+        raise NotADirectoryError(f"--dump {args.dump} is a file, not a folder")
     targets = args.target or list(TARGETS)
     all_cfgs = catalogue.compile_configs()
     configs = [(i, c) for i, c in enumerate(all_cfgs) if args.filter in c.name]

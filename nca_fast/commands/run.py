@@ -19,14 +19,14 @@ MAX_STEPS = 2**32  # the masks' step counter is 32 bits
 MAX_FRAME_SIDE = {".png": 1 << 16, ".gif": 65535, ".mp4": 16384}  # pixels per side the format takes
 
 
-def parse_size(text: str):
-    """``"HxW"`` (or ``"N"`` for a square) -> ``(H, W)``."""
+def parse_size(text: str, flag: str = "--size"):
+    """``"HxW"`` (or ``"N"`` for a square) -> ``(H, W)``; errors name ``flag``."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", text)
     if not m:
-        raise ValueError(f"--size must be HxW (e.g. 72x72) or N, got {text!r}")
+        raise ValueError(f"{flag} must be HxW (e.g. 72x72) or N, got {text!r}")
     h, w = int(m[1]), int(m[2] or m[1])
     if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
-        raise ValueError(f"--size sides must be in 1..{MAX_SIDE}, got {h}x{w}")
+        raise ValueError(f"{flag} sides must be in 1..{MAX_SIDE}, got {h}x{w}")
     return h, w
 
 

@@ -44,6 +44,10 @@ def run(args) -> int:
     device = device_arg(args.device)
     models, first = load_models(args.model, args.name, device)
     decoder = load_decoder(args.decoder).to(device) if args.decoder else None
+    for name, m in models.items() if decoder is not None else ():  # (before serving, as run does)
+        if decoder.spec.channels != m.spec.channels:
+            raise ValueError(f"decoder {args.decoder} takes {decoder.spec.channels} channels, model {name!r} has "
+                             f"{m.spec.channels}")
     app = make_app(models, first, size, decoder=decoder, max_clients=args.max_clients)
     print(f"nca-fast view: http://{args.host}:{args.port}/  ({len(models)} model(s), {size[0]}x{size[1]}, "
           f"{device}; Ctrl-C stops)", flush=True)

@@ -20,7 +20,9 @@ def dot_dtype(precision: str) -> torch.dtype:
 
 def cached(owner: torch.nn.Module, key: tuple, pack: Callable[[], object]):
     """``pack()``, cached on ``owner`` under ``key`` until any of its parameters is changed in place
-    or replaced (the key includes each parameter's storage and version counter). Under
+    or replaced (the key includes each parameter's storage and version counter: optimizers,
+    ``load_state_dict`` and in-place ops under ``torch.no_grad()`` count; writes through ``.data``,
+    which PyTorch does not version, do not: call :func:`forget_packed` after them). Under
     ``torch.compile`` packing is traced into the graph instead (it is small)."""
     if torch.compiler.is_compiling():
         return pack()
@@ -32,6 +34,12 @@ def cached(owner: torch.nn.Module, key: tuple, pack: Callable[[], object]):
         with torch.no_grad():
             cache[full] = pack()
     return cache[full]
+
+
+def forget_packed(owner: torch.nn.Module) -> None:
+    """Drop ``owner``'s packed weights (and its submodules'): the next fused call packs them again."""
+    for m in owner.modules():
+        m.__dict__.pop("_nca_fast_packed", None)
 
 
 def _tf32_split(w: torch.Tensor) -> torch.Tensor:

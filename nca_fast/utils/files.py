@@ -156,6 +156,8 @@ def atomic_output(path) -> Iterator[Path]:
     private folder beside ``path``; on success it replaces ``path`` with the usual permissions
     (0666 less the umask), otherwise nothing is left behind."""
     path = Path(path)
+    if not path.parent.is_dir():  # (mkdtemp's error would name the temporary folder)
+        raise FileNotFoundError(f"the folder of {path} does not exist: {path.parent}")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     tmp = tmpdir / path.name
     try:
