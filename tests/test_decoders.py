@@ -282,7 +282,10 @@ def test_cells2pixels_config_errors(tmp_path):
     torch.save(c2p_siren_state_dict(8, 0, 8, 2, 3, seed=1), tmp_path / "siren.pth")
     for text, match in [("nca: {type: PENCA}\n", "unsupported NCA type 'PENCA'"),
                         ("siren: {fx: finer}\n", "fx='finer'"), ("nca: [1, 2\n", "not a readable YAML"),
-                        ("- 1\n", "mapping at the top level"), ("nca: {output_type: z}\n", "output_type 'z'")]:
+                        ("- 1\n", "mapping at the top level"), ("nca: {output_type: z}\n", "output_type 'z'"),
+                        ("nca: {nca_kwargs: {padding: bogus}}\n", "nca_kwargs.padding must be one of"),
+                        ("nca: {nca_kwargs: {update_prob: 7}}\n", r"update_prob must be a number in \[0, 1\]"),
+                        ("renderer: {scale_factor: 0}\n", "scale_factor must be a positive int")]:
         (tmp_path / "config.yaml").write_text(text)
         with pytest.raises(ModelFormatError, match=f"config.yaml: .*{match}"):
             nca_fast.load_cells2pixels(tmp_path)

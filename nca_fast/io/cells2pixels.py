@@ -27,9 +27,9 @@ from typing import Mapping, Optional, Tuple
 import torch
 
 from ..decoders.lppn import LPPNDecoder
-from ..decoders.spec import DecoderSpec
+from ..decoders.spec import LPPN_PADDINGS, DecoderSpec
 from ..model import NCA
-from ..spec import Filter, NCASpec
+from ..spec import PADDINGS, Filter, NCASpec
 from ..utils.files import read_input
 from ..utils.optional import optional_import
 from .common import listing
@@ -167,6 +167,21 @@ def _section(config: dict, *keys) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def _check_config_values(cfg_path: Path, kwargs: Mapping, renderer: Mapping) -> None:
+    """The values ``config.yaml`` gives the NCA and the renderer, refused naming that file (not the
+    checkpoint that would otherwise fail to build)."""
+    checks = (("nca_kwargs.padding", kwargs.get("padding", "circular"), lambda v: v in PADDINGS, f"one of {PADDINGS}"),
+              ("nca_kwargs.update_prob", kwargs.get("update_prob", 0.5),
+               lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, "a number in [0, 1]"),
+              ("renderer.padding", renderer.get("padding", "circular"), lambda v: v in LPPN_PADDINGS,
+               f"one of {LPPN_PADDINGS}"),
+              ("renderer.scale_factor", renderer.get("scale_factor", 8),
+               lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int"))
+    for key, value, ok, want in checks:
+        if not ok(value):
+            raise ModelFormatError(cfg_path, f"{key} must be {want}, got {str(value)[:40]!r}")
+
+
 def load_cells2pixels(directory, *, nca_type: Optional[str] = None, suffix: str = "",
                       nca_padding: Optional[str] = None, **decoder_kw) -> Tuple[NCA, LPPNDecoder]:
     """``(NCA, LPPNDecoder)`` from a Cells-to-Pixels experiment folder (``model{suffix}.pth``,
@@ -190,6 +205,7 @@ def load_cells2pixels(directory, *, nca_type: Optional[str] = None, suffix: str 
         if nca_type not in NCA_TYPES:
             raise ModelFormatError(cfg_path, f"unsupported NCA type {str(nca_type)[:40]!r} (supported: "
                                              f"{', '.join(NCA_TYPES)})")
+    _check_config_values(cfg_path, kwargs, renderer)
     nca_padding = nca_padding or kwargs.get("padding", "circular")
     nca = cells2pixels_nca(_state_dict(directory / f"model{suffix}.pth"), nca_type=nca_type,
                            padding=nca_padding, fire_rate=kwargs.get("update_prob"),
