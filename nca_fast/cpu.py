@@ -291,8 +291,8 @@ def clear_buffers() -> None:
 class _Step:
     """One step over all bands; :meth:`work` is what each thread runs."""
 
-    def __init__(self, x, params, spec: NCASpec, fire_mask, out, band_rows: int):
-        self.x, self.spec, self.out = x, spec, out
+    def __init__(self, x, params, spec: NCASpec, fire_mask, out, band_rows: int, keep=None):
+        self.x, self.spec, self.out, self.keep = x, spec, out, keep
         B, C, H, W = x.shape
         self.bands: List[Tuple[int, int, int]] = [(b, r0, min(H, r0 + band_rows))
                                                   for b in range(B) for r0 in range(0, H, band_rows)]
@@ -422,7 +422,8 @@ class _Step:
         m = self.y_rowmax[b]
         pool = _buffer("pool", (r1 - r0, m.shape[1]), m)
         torch.maximum(torch.maximum(m[r0:r1], m[r0 + 1:r1 + 1], out=pool), m[r0 + 2:r1 + 2], out=pool)
-        keep = torch.gt(pool, self.spec.alive_threshold).logical_and_(self.x_alive[b, r0:r1])
+        keep = torch.gt(pool, self.spec.alive_threshold, out=None if self.keep is None else self.keep[b, r0:r1])
+        keep.logical_and_(self.x_alive[b, r0:r1])
         if not keep.all():  # (multiplying by ones changes nothing, not even NaNs)
             self.out[b, :, r0:r1].mul_(keep)
 
@@ -473,7 +474,8 @@ def is_faster(x: torch.Tensor) -> bool:
 
 
 def step(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
-         fire_mask: Optional[torch.Tensor], *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+         fire_mask: Optional[torch.Tensor], *, out: Optional[torch.Tensor] = None,
+         keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One NCA step ``[B, C, H, W] -> [B, C, H, W]``, as :func:`nca_fast.reference.step`.
 
     ``fire_mask`` (bool ``[B, 1, H, W]``) selects the cells that update; None = all. ``out`` (a
@@ -481,7 +483,8 @@ def step(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
     tensor: reusing it saves a large grid's page faults. Any dtype and device work, but only float32
     on a CPU is what this path is made for. When autograd has to record the step (grad enabled and
     ``x`` or a weight requires grad) it runs the reference instead; :func:`nca_fast.cpu_backward.step`
-    is this step with a backward of its own.
+    is this step with a backward of its own. ``keep`` (bool ``[B, H, W]``, alive models) receives the
+    alive mask applied (alive before and after the update), which that backward reuses.
     """
     if out is not None:
         if (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device
@@ -497,7 +500,7 @@ def step(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
     x = x.contiguous()
     out = _new_output(x) if out is None else out
     threads = THREADS or torch.get_num_threads()
-    job = _Step(x, params, spec, fire_mask, out, band_rows=_band_rows(H, W))
+    job = _Step(x, params, spec, fire_mask, out, band_rows=_band_rows(H, W), keep=keep)
     if not _on_pool(B * H * W, threads) or x.device.type != "cpu":
         job.work()
     else:

@@ -1,11 +1,12 @@
 """The CPU fast path's backward: :func:`nca_fast.cpu.step` as one autograd node.
 
 The forward is the banded CPU step (no graph recorded); autograd saves only the step's input state,
-its update mask and the weights. The backward recomputes one image at a time, in the forward's
+its update mask, the alive mask the forward applied and the weights. The backward recomputes one
+image at a time (perception and hidden; the update only where its clamps need it), in the forward's
 channels-first layout (perception ``[F*C, n]`` over the padded width, ``n = H * (W+2)``, the
 filter scales folded into ``w1``'s columns), and runs the vector-Jacobian product as GEMMs on it:
 
-    g1 = gy * keep                       keep = alive(x) & alive(y1): piecewise constant
+    g1 = gy * keep                       keep = alive(x) & alive(y1): piecewise constant, kept
     g0 = g1 * [lo <= y0 <= hi]           (state clamp; torch's clamp passes its bounds)
     gu = g0 * step_size * fire * [update clamp]      gw2 += gu h^T,  gb2 += sum gu
     ga = (w2^T gu) * [a > 0, hidden clamp]           gw1 += ga p^T,  gb1 += sum ga
@@ -24,6 +25,10 @@ import torch
 
 from . import cpu, reference
 from .spec import NCASpec
+
+# Columns (cells) per chunk of the MLP's backward: its [hidden, chunk] intermediates (~5 of them)
+# stay in a core's L2 (hidden 128: 512 KiB each).
+MLP_CHUNK_CELLS = 1024
 
 
 def _inside(t: torch.Tensor, r) -> Optional[torch.Tensor]:
@@ -60,10 +65,11 @@ class _Image:
         self.key = (spec.filters, free_scale, (spec.padding, apad), C, spec.hidden, W, x.dtype, x.device)
         self.shape = (C, H, W)
 
-    def vjp(self, x: torch.Tensor, fire: Optional[torch.Tensor], gy: torch.Tensor,
+    def vjp(self, x: torch.Tensor, fire: Optional[torch.Tensor], keep: Optional[torch.Tensor], gy: torch.Tensor,
             grads: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """``x, gy [C, H, W]``, ``fire [H, W]`` (bool or None): adds the weights' gradients of this
-        image into ``grads`` and returns the state's ``[C, H, W]``."""
+        """``x, gy [C, H, W]``, ``fire [H, W]`` (bool or None), ``keep [H, W]``: the forward's alive mask
+        (None: recomputed): adds the weights' gradients of this image into ``grads`` and returns the
+        state's ``[C, H, W]``."""
         spec = self.spec
         C, H, W = self.shape
         s = cpu._scratch(self.key, H)  # this thread's, the whole image as one band
@@ -73,43 +79,64 @@ class _Image:
         p_pass = _inside(s.p_inner, spec.perception_clamp)
         if spec.perception_clamp is not None:
             s.p_inner.clamp_(*spec.perception_clamp)
-        a = torch.mm(self.w1s, s.p) if self.b1 is None else torch.addmm(self.b1, self.w1s, s.p)
-        h_pass = None if spec.hidden_clamp is None else _hidden_pass(a, spec.hidden_clamp)
-        h = a.clamp_(*((0.0, None) if spec.hidden_clamp is None else (max(spec.hidden_clamp[0], 0.0),
-                                                                         spec.hidden_clamp[1])))
-        u = torch.mm(self.w2, h) if self.b2 is None else torch.addmm(self.b2, self.w2, h)
-        u3 = u.view(C, H, W + 2)[:, :, 1:W + 1]
-        u_pass = _inside(u3, spec.update_clamp)
         gain = spec.step_size if fire is None else fire.to(x.dtype) * spec.step_size  # [H, W]
-        g0 = gy
-        if spec.state_clamp is not None or spec.alive_channel is not None:
+        g0, u_pass, h, h_pass = gy, None, None, None
+        # the update itself is needed only for its clamps' masks, or for an alive mask not kept
+        if (spec.update_clamp is not None or spec.state_clamp is not None
+                or (spec.alive_channel is not None and keep is None)):
+            h, h_pass = self._hidden(s.p)
+            u = torch.mm(self.w2, h) if self.b2 is None else torch.addmm(self.b2, self.w2, h)
+            u3 = u.view(C, H, W + 2)[:, :, 1:W + 1]
+            u_pass = _inside(u3, spec.update_clamp)
             y0 = x + (reference._clamp(u3, spec.update_clamp) * gain)
-            y1 = reference._clamp(y0, spec.state_clamp)
-            if spec.alive_channel is not None:
+            if spec.alive_channel is not None and keep is None:
+                y1 = reference._clamp(y0, spec.state_clamp)
                 keep = (reference.alive_mask(x[None], spec) & reference.alive_mask(y1[None], spec))[0]
-                g0 = g0 * keep
             if spec.state_clamp is not None:
                 g0 = g0 * _inside(y0, spec.state_clamp)
+        if keep is not None:
+            g0 = g0 * keep
         # ---- the VJP, in the forward's layout (pad columns: zero gradient)
-        gu = torch.zeros_like(u)
+        n = H * (W + 2)
+        gu = g0.new_zeros(C, n)
         gu3 = gu.view(C, H, W + 2)[:, :, 1:W + 1]
         torch.mul(g0, gain, out=gu3)
         if u_pass is not None:
             gu3.mul_(u_pass)
-        grads["w2"].addmm_(gu, h.t())
         if "b2" in grads:
             grads["b2"].add_(gu.sum(1))
-        gh = torch.mm(self.w2.t(), gu)
-        # (relu alone: one op, no mask tensor)
-        ga = torch.ops.aten.threshold_backward(gh, h, 0.0) if h_pass is None else gh.mul_(h_pass)
-        grads["w1"].addmm_(ga, s.p.t())  # (scaled perception: unscaled once all images are in)
-        if "b1" in grads:
-            grads["b1"].add_(ga.sum(1))
-        gp = torch.mm(self.w1.t(), ga)  # = w1s^T ga / scale: the true perception's gradient
+        gp = g0.new_empty(self.w1.shape[1], n)
+        # Column chunks, so that the [hidden, chunk] intermediates stay in the core's cache (the
+        # whole image's [hidden, n] would not); the hidden layer recomputed per chunk unless the
+        # clamps needed it whole above.
+        chunk = n if h is not None else max(1, MLP_CHUNK_CELLS)
+        for c0 in range(0, n, chunk):
+            cols = slice(c0, min(n, c0 + chunk))
+            p, g = s.p[:, cols], gu[:, cols]
+            if h is None:
+                hc, hp = self._hidden(p)
+            else:
+                hc, hp = h[:, cols], None if h_pass is None else h_pass[:, cols]
+            grads["w2"].addmm_(g, hc.t())
+            gh = torch.mm(self.w2.t(), g)
+            # (relu alone: one op, no mask tensor)
+            ga = torch.ops.aten.threshold_backward(gh, hc, 0.0) if hp is None else gh.mul_(hp)
+            grads["w1"].addmm_(ga, p.t())  # (scaled perception: unscaled once all images are in)
+            if "b1" in grads:
+                grads["b1"].add_(ga.sum(1))
+            torch.mm(self.w1.t(), ga, out=gp[:, cols])  # the true perception's gradient: w1s^T ga / scale
         gp_inner = gp.view(-1, H, W + 2)[:, :, 1:W + 1]
         if p_pass is not None:
             gp_inner = gp_inner * p_pass
         return self._perceive_vjp(gp_inner.view(-1, C, H, W), g0)
+
+    def _hidden(self, p: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``h = clamp(relu(w1s p + b1), hidden clamp)`` of perception columns ``p``, and where it
+        passes its gradient when there is a hidden clamp (None: where ``h > 0``)."""
+        a = torch.mm(self.w1s, p) if self.b1 is None else torch.addmm(self.b1, self.w1s, p)
+        hc = self.spec.hidden_clamp
+        passes = None if hc is None else _hidden_pass(a, hc)
+        return a.clamp_(*((0.0, None) if hc is None else (max(hc[0], 0.0), hc[1]))), passes
 
     def _perceive_vjp(self, gp: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
         """``g0 + perceive^T(gp)`` for perception gradients ``gp [F, C, H, W]``: each tap adds its
@@ -138,9 +165,11 @@ class _Image:
 
 
 def step_vjp(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
-             fire_mask: Optional[torch.Tensor], gy: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+             fire_mask: Optional[torch.Tensor], gy: torch.Tensor,
+             keep: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Gradients of one step ``y = step(x, params, spec, fire_mask)`` for output gradient ``gy``:
-    ``(gx [B, C, H, W], {name: gradient})`` for every weight in ``params``."""
+    ``(gx [B, C, H, W], {name: gradient})`` for every weight in ``params``. ``keep`` (bool
+    ``[B, H, W]``): the step's alive mask, from ``cpu.step(..., keep=)`` (None: recomputed)."""
     with torch.no_grad():
         x, gy = x.contiguous(), gy.contiguous()
         B, C, H, W = x.shape
@@ -152,7 +181,8 @@ def step_vjp(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
 
         @torch.no_grad()  # (a worker does not inherit the caller's no_grad)
         def one(b: int) -> None:
-            gx[b] = img.vjp(x[b], None if fire is None else fire[b], gy[b], partial[b])
+            gx[b] = img.vjp(x[b], None if fire is None else fire[b], None if keep is None else keep[b], gy[b],
+                            partial[b])
 
         threads = cpu.THREADS or torch.get_num_threads()
         if threads > 1 and B > 1 and x.device.type == "cpu":  # images on the single-threaded workers
@@ -183,15 +213,17 @@ class CpuStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fire_mask, spec, names: Sequence[str], *weights):
         params = dict(zip(names, weights))
+        B, _, H, W = x.shape
+        keep = None if spec.alive_channel is None else torch.empty(B, H, W, dtype=torch.bool, device=x.device)
         with torch.no_grad():
-            y = cpu.step(x, params, spec, fire_mask)
+            y = cpu.step(x, params, spec, fire_mask, keep=keep)
         ctx.spec, ctx.names = spec, tuple(names)
-        ctx.save_for_backward(x, fire_mask, *weights)
+        ctx.save_for_backward(x, fire_mask, keep, *weights)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, fire_mask, *weights = ctx.saved_tensors
-        gx, grads = step_vjp(x, dict(zip(ctx.names, weights)), ctx.spec, fire_mask, gy)
+        x, fire_mask, keep, *weights = ctx.saved_tensors
+        gx, grads = step_vjp(x, dict(zip(ctx.names, weights)), ctx.spec, fire_mask, gy, keep)
         return (gx if ctx.needs_input_grad[0] else None, None, None, None,
                 *(grads[n] if need else None for n, need in zip(ctx.names, ctx.needs_input_grad[4:])))

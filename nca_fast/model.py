@@ -253,7 +253,7 @@ class NCA(nn.Module):
         Differentiable when autograd records it (grad enabled, ``x`` or a weight requiring grad), on
         every path. The fused path runs the rollout as one autograd node (``kernels/rollout_grad.py``)
         that saves only each step's input state and alive bytes; the CPU fast path saves each step's
-        input state and update mask (both backwards recompute perception and hidden). With
+        input state, update mask and alive mask (both backwards recompute perception and hidden). With
         ``checkpoint_every=k`` steps run in segments of k whose inner states are recomputed in the
         backward, so memory grows with the number of segments plus one segment's states. The default
         (None) keeps the whole graph when it takes under a quarter of the free memory (no
@@ -340,10 +340,10 @@ class NCA(nn.Module):
 
     def graph_bytes_per_cell(self, dtype: torch.dtype, backend: str) -> int:
         """What autograd saves per cell and step of a differentiable rollout: the fused step its input
-        state and alive byte, the CPU fast path its input state and mask byte; the reference its
+        state and alive byte, the CPU fast path its input state and two mask bytes; the reference its
         intermediates (as in :meth:`rollout_bytes_per_cell`)."""
         if backend in ("triton", "cpu"):
-            return self.spec.channels * torch.empty((), dtype=dtype).element_size() + 1
+            return self.spec.channels * torch.empty((), dtype=dtype).element_size() + (1 if backend == "triton" else 2)
         return self.rollout_bytes_per_cell(dtype, "reference")
 
     def _graph_fits(self, x: torch.Tensor, steps: int, backend: str) -> bool:

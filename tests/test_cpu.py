@@ -196,6 +196,7 @@ def test_backward_matches_reference(name, shape, dtype, atol, rtol, threads, mon
     """The CPU path's backward against the reference's autograd: the state's and every weight's
     gradient, alive-masked, clamped, every padding, masked and not."""
     monkeypatch.setattr(cpu, "BAND_CELLS", 40)
+    monkeypatch.setattr(cpu_backward, "MLP_CHUNK_CELLS", 7)  # several chunks, a partial last one
     spec = SPECS[name]
     B, H, W = shape
     x = _state(spec, B, H, W, seed=H).to(dtype)
@@ -208,11 +209,15 @@ def test_backward_matches_reference(name, shape, dtype, atol, rtol, threads, mon
         torch.testing.assert_close(gx, gx_ref, atol=atol, rtol=rtol)
         for k in params:  # (sums over every cell: a looser absolute tolerance)
             torch.testing.assert_close(gw[k], gw_ref[k], atol=atol * 10, rtol=rtol, msg=lambda m: f"{k}: {m}")
+        gx2, gw2 = cpu_backward.step_vjp(x, params, spec, mask, gy)  # (the alive mask recomputed, not kept)
+        torch.testing.assert_close(gx2, gx_ref, atol=atol, rtol=rtol)
+        for k in params:
+            torch.testing.assert_close(gw2[k], gw_ref[k], atol=atol * 10, rtol=rtol)
 
 
 def test_backward_saves_one_state_and_is_reproducible(threads):
-    """Autograd keeps the step's input, its mask and the weights (nothing of size hidden x cells),
-    and the gradients are bit-identical run to run."""
+    """Autograd keeps the step's input, its update and alive masks and the weights (nothing of size
+    hidden x cells), and the gradients are bit-identical run to run."""
     spec = growing_spec()
     x = _state(spec, 2, 12, 10)
     params = _params(spec)
@@ -222,7 +227,7 @@ def test_backward_saves_one_state_and_is_reproducible(threads):
         runs = [_grads(lambda x, p: cpu_backward.step(x, p, spec, mask), x, params, torch.ones_like(x))
                 for _ in range(2)]
     weights = sum(v.numel() for v in params.values())
-    assert sum(saved) == 2 * (x.numel() + mask.numel() + weights)
+    assert sum(saved) == 2 * (x.numel() + 2 * mask.numel() + weights)  # the state, mask and alive mask
     assert torch.equal(runs[0][1], runs[1][1]) and all(torch.equal(runs[0][2][k], runs[1][2][k]) for k in params)
 
 
