@@ -222,6 +222,7 @@ class CpuStep(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (a double backward raises instead of dropping terms)
     def backward(ctx, gy):
         x, fire_mask, keep, *weights = ctx.saved_tensors
         gx, grads = step_vjp(x, dict(zip(ctx.names, weights)), ctx.spec, fire_mask, gy, keep)

@@ -73,7 +73,7 @@ def load_image(path) -> torch.Tensor:
 def _wide_grey(im) -> torch.Tensor:
     """A 16-bit, 32-bit integer or float grey image as ``[3, H, W]`` in [0, 1] (``convert("RGB")``
     would clip it to 8 bits): 16-bit by its range, 32-bit integers by 65535 (or 255 when every value
-    fits in 8 bits), floats as they are, clipped."""
+    fits in 8 bits), floats as they are, clipped; ``[4, H, W]`` with a transparent value."""
     a = np.asarray(im, dtype=np.float64)
     if im.mode == "F":
         scale = 1.0
@@ -82,7 +82,12 @@ def _wide_grey(im) -> torch.Tensor:
     else:
         scale = 65535.0
     g = torch.from_numpy(np.nan_to_num(a / scale).clip(0, 1)).float()
-    return g.expand(3, *g.shape).clone()
+    rgb = g.expand(3, *g.shape)
+    key = im.info.get("transparency")
+    if isinstance(key, bool) or not isinstance(key, (int, float)):
+        return rgb.clone()
+    alpha = torch.from_numpy(a != key).float()  # (its one transparent value)
+    return torch.cat([rgb, alpha[None]])
 
 
 def to_frame(rgb: torch.Tensor, scale: int = 1) -> np.ndarray:

@@ -255,6 +255,16 @@ def test_rollout_trains_through_it(backend, fits, checkpoint_every, threads, mon
         torch.testing.assert_close(grads[backend][k], want, atol=1e-6, rtol=1e-4)
 
 
+def test_double_backward_is_refused_not_wrong():
+    """The backward is once-differentiable: a gradient of a gradient raises (the reference has it)."""
+    spec = growing_spec(channels=4, hidden=6)
+    x = _state(spec, 1, 5, 5).requires_grad_()
+    y = cpu_backward.step(x, _params(spec), spec, None)
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
 def test_auto_trains_with_the_reference_while_its_graph_fits(monkeypatch):
     monkeypatch.setattr(cpu, "step", lambda *a, **k: pytest.fail("the CPU path ran"))
     model = NCA(growing_spec(channels=6, hidden=12), init_seed=2)

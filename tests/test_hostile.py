@@ -337,6 +337,9 @@ def test_wide_grey_images_keep_their_range(tmp_path):
     t = media.load_image(tmp_path / "g16.png")
     assert t.shape == (3, 4, 256)
     torch.testing.assert_close(t[1], torch.from_numpy(ramp / 65535.0).float())
+    Image.fromarray(ramp).save(tmp_path / "t16.png", transparency=0)  # its one transparent value
+    t = media.load_image(tmp_path / "t16.png")
+    assert t.shape == (4, 4, 256) and t[3, 0, 0] == 0 and bool((t[3].flatten()[1:] == 1).all())
     Image.fromarray(np.full((3, 5), 0.25, np.float32)).save(tmp_path / "f.tiff")
     assert torch.allclose(media.load_image(tmp_path / "f.tiff"), torch.full((3, 3, 5), 0.25))
 
