@@ -185,7 +185,8 @@ def step_vjp(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
                             partial[b])
 
         threads = cpu.THREADS or torch.get_num_threads()
-        if threads > 1 and B > 1 and x.device.type == "cpu":  # images on the single-threaded workers
+        # images on the single-threaded workers when each has one (else the GEMMs' own threads)
+        if threads > 1 and B >= threads and x.device.type == "cpu":
             list(cpu._workers(threads).map(one, range(B)))
         else:
             for b in range(B):

@@ -371,6 +371,20 @@ def test_sizes_beyond_memory_are_refused_before_allocating(tmp_path, capsys):
     assert "needs" in err and "at most about" in err and "Traceback" not in err
 
 
+def test_run_memory_hint_counts_frames_and_states(tmp_path, capsys, monkeypatch):
+    """Refused at two sizes, ``run`` names one largest grid: its check counts the rollout's states
+    with the frames (before, the frames alone named a grid that the states' check then refused)."""
+    from nca_fast.utils import checks
+    monkeypatch.setattr(checks, "_available_bytes", lambda device: 256 << 20)
+    hints = set()
+    for size in ("3000", "6000"):
+        assert main(["run", "growing", "--size", size, "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert "and the states" in err
+        hints.add(err.split("at most about ")[1].split()[0])
+    assert len(hints) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_frames_too_large_for_the_format_or_memory(tmp_path, capsys):
     assert main(["run", "growing", "--size", "1000", "--scale-up", "200", "--out", str(tmp_path / "x.gif")]) == 2
     assert "exceeds the 65535 pixels per side a .gif takes (--scale-up 65 or less would fit)" in capsys.readouterr().err

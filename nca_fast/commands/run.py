@@ -75,8 +75,13 @@ def _check_memory(model, decoder, size, args, ext, device, height, width) -> Non
     frames = 1 if ext != ".gif" else 1 + args.steps // args.every
     need = decoded + pixels * 3 + frames * pixels
     held = " (a GIF holds them all)" if ext == ".gif" else ""
-    check_memory(need, device if decoder is not None else "cpu",
-                 f"{frames} frame{'s' * (frames > 1)} of {pixels / 1e6:.3g} Mpixel{held}",
+    where = device if decoder is not None else torch.device("cpu")
+    if where.type == device.type:  # the rollout's states share that memory: counted, so that the hint holds
+        path = ("triton" if device.type == "cuda" and args.backend in ("auto", "triton")
+                else "cpu" if device.type == "cpu" and args.backend in ("auto", "cpu") else "reference")
+        need += args.batch * height * width * (model.spec.channels * 4 + model.rollout_bytes_per_cell(torch.float32,
+                                                                                                        path))
+    check_memory(need, where, f"{frames} frame{'s' * (frames > 1)} of {pixels / 1e6:.3g} Mpixel{held} and the states",
                  per_cell=-(-need // (height * width)))
 
 
