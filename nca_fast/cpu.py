@@ -111,6 +111,12 @@ def _compile_filters(filters: Tuple[Filter, ...], free_scale: bool) -> Tuple[int
     return input_slot, tuple(plans)
 
 
+def hidden_range(spec: NCASpec) -> Tuple[float, Optional[float]]:
+    """relu then clamp(lo, hi) is one clamp(max(lo, 0), hi), for any lo <= hi: its bounds."""
+    hc = spec.hidden_clamp
+    return (0.0, None) if hc is None else (max(hc[0], 0.0), hc[1])
+
+
 def _lincomb(out: torch.Tensor, srcs: Sequence[torch.Tensor], coefs: Sequence[float]) -> None:
     """``out = sum(coef * src)``; the first coefficient 1 saves one op (see :func:`_unit_first`)."""
     if coefs[0] == 1.0 and len(srcs) > 1:
@@ -309,9 +315,7 @@ class _Step:
         b1, b2 = params.get("b1"), params.get("b2")
         self.b1 = None if b1 is None else b1[:, None]  # [hidden, 1], broadcast over a band's cells
         self.b2 = None if b2 is None else b2[:, None]
-        # relu then clamp(lo, hi) is one clamp(max(lo, 0), hi), for any lo <= hi
-        hc = spec.hidden_clamp
-        self.hidden_range = (0.0, None) if hc is None else (max(hc[0], 0.0), hc[1])
+        self.hidden_range = hidden_range(spec)
         self.fire = None if fire_mask is None else fire_mask.reshape(B, H, W)
         self.counter = itertools.count()
         if spec.alive_channel is not None:

@@ -136,7 +136,7 @@ class _Image:
         a = torch.mm(self.w1s, p) if self.b1 is None else torch.addmm(self.b1, self.w1s, p)
         hc = self.spec.hidden_clamp
         passes = None if hc is None else _hidden_pass(a, hc)
-        return a.clamp_(*((0.0, None) if hc is None else (max(hc[0], 0.0), hc[1]))), passes
+        return a.clamp_(*cpu.hidden_range(self.spec)), passes
 
     def _perceive_vjp(self, gp: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
         """``g0 + perceive^T(gp)`` for perception gradients ``gp [F, C, H, W]``: each tap adds its

@@ -90,6 +90,8 @@ def test_recipe_details_as_distill():
     tex = TextureConfig()
     assert [tex.lr_at(i) for i in (999, 1000, 2000)] == pytest.approx([1e-3, 3e-4, 9e-5])
     assert (tex.min_steps, tex.max_steps) == (32, 95)
+    with pytest.raises(ValueError, match="lr_decay in"):
+        TextureConfig(lr_decay=0.0)
 
 
 def test_target_is_resized_premultiplied(tmp_path):

@@ -11,6 +11,7 @@ summed), per-parameter gradient normalisation, Adam 1e-3 (x0.3 from iterations 1
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -48,6 +49,9 @@ class TextureConfig:
         check_int("pool", self.pool, self.batch)
         for at in self.lr_decay_at:
             check_int("lr_decay_at", at, 0)
+        if not (math.isfinite(self.lr) and self.lr > 0 and 0 < self.lr_decay <= 1):
+            raise ValueError(f"lr must be a finite positive number and lr_decay in (0, 1], got {self.lr}, "
+                             f"{self.lr_decay}")
 
     def lr_at(self, iteration: int) -> float:
         """torch's ``MultiStepLR(milestones=lr_decay_at, gamma=lr_decay)``, stepped once an iteration."""
