@@ -477,6 +477,21 @@ def is_faster(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32
 
 
+def _check_keep(keep: torch.Tensor, x: torch.Tensor, spec: NCASpec, records: bool) -> None:
+    """``keep`` must be a contiguous bool ``[B, H, W]`` on x's device, for a model with an alive mask,
+    in a step that does not record autograd (which runs the reference, that fills no ``keep``)."""
+    B, _, H, W = x.shape
+    if spec.alive_channel is None:
+        raise ValueError("keep= receives the alive mask, but this model has no alive channel")
+    if records:
+        raise ValueError("keep= is filled only by a step autograd does not record "
+                         "(use nca_fast.cpu_backward.step for a step with a backward)")
+    if (keep.dtype != torch.bool or keep.shape != (B, H, W) or keep.device != x.device
+            or not keep.is_contiguous()):
+        raise ValueError(f"keep must be a contiguous bool tensor of shape {(B, H, W)} on {x.device}, "
+                         f"got {keep.dtype} {tuple(keep.shape)} on {keep.device}")
+
+
 def step(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
          fire_mask: Optional[torch.Tensor], *, out: Optional[torch.Tensor] = None,
          keep: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -497,7 +512,10 @@ def step(x: torch.Tensor, params: Mapping[str, torch.Tensor], spec: NCASpec,
                              f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
         if out.data_ptr() < x.data_ptr() + x.nbytes and x.data_ptr() < out.data_ptr() + out.nbytes:
             raise ValueError("out overlaps the state x: bands read their neighbours' old rows")
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params.values())):
+    records = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params.values()))
+    if keep is not None:
+        _check_keep(keep, x, spec, records)
+    if records:
         y = reference.step(x, params, spec, fire_mask)
         return y if out is None else out.copy_(y)
     B, C, H, W = x.shape

@@ -120,6 +120,28 @@ def test_out_is_filled_and_checked(threads, monkeypatch):
         cpu.step(x, params, spec, mask, out=x)
 
 
+def test_keep_is_filled_and_checked():
+    """``keep=`` receives the alive mask the step applied; a wrong buffer, a model without an alive
+    mask or a step autograd records (the reference, which fills nothing) is refused."""
+    spec = growing_spec()
+    x, params = _state(spec, 2, 11, 9), _params(spec)
+    x[:, spec.alive_channel, :5] = 0.0  # (dead rows: cells the alive mask zeroes)
+    mask = rng.update_mask(2, 11, 9, seed=0, step=0, fire_rate=0.5)
+    keep = torch.ones(2, 11, 9, dtype=torch.bool)
+    y = cpu.step(x, params, spec, mask, keep=keep)
+    want = reference.alive_mask(x, spec) & reference.alive_mask(y, spec)
+    assert torch.equal(keep, want[:, 0]) and not keep.all()
+    for bad in (torch.ones(2, 11, 8, dtype=torch.bool), torch.ones(2, 11, 9),
+                torch.ones(2, 9, 11, dtype=torch.bool).transpose(1, 2)):
+        with pytest.raises(ValueError, match="keep must be a contiguous bool tensor of shape"):
+            cpu.step(x, params, spec, mask, keep=bad)
+    with pytest.raises(ValueError, match="no alive channel"):
+        tex = texture_spec()
+        cpu.step(_state(tex, 2, 11, 9), _params(tex), tex, None, keep=keep)
+    with pytest.raises(ValueError, match="autograd"):
+        cpu.step(x.requires_grad_(), params, spec, mask, keep=keep)
+
+
 def test_buffers_reused_across_shapes(threads):
     spec = texture_spec()
     params = _params(spec)
