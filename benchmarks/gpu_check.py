@@ -20,10 +20,15 @@ raises is recorded with its traceback and the next one runs, and what would star
 one device call always brings its measurements back, and fails naming what failed.
 ``--dry-run`` runs every line of it on a CPU under the Triton interpreter at tiny
 sizes (CI does), so that GPU minutes are not spent finding a Python error.
+Before the sections, ``--workers`` processes (default: the CPU cores, at most 16) run every fused
+path the sections launch at a tiny size, compiling its kernels in parallel into Triton's on-disk
+cache (the kernels' integer arguments are not specialised: a tiny grid compiles the binaries a large
+one runs); the sections then load them instead of compiling ~80 kernels one at a time.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -81,13 +86,16 @@ def grown_state(model, B, H, W, dtype):
     return x.to(dtype)
 
 
+# The models the step's correctness covers, with the (state dtype, fp32 MLP precision) pairs of each.
+EVERY = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "tf32"), (torch.bfloat16, "tf32")]
+CHECKED = {"growing": (nf.growing_spec(), EVERY), "texture": (nf.texture_spec(), EVERY[1:3]),
+           "growing-replicate-64x256": (nf.growing_spec(channels=64, hidden=256, padding="replicate"), EVERY[1:3])}
+
+
 @torch.no_grad()
 def correctness(report):
     rows = []
-    every = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "tf32"), (torch.bfloat16, "tf32")]
-    for name, spec, variants in [
-            ("growing", nf.growing_spec(), every), ("texture", nf.texture_spec(), every[1:3]),
-            ("growing-replicate-64x256", nf.growing_spec(channels=64, hidden=256, padding="replicate"), every[1:3])]:
+    for name, (spec, variants) in CHECKED.items():
         model = nf.NCA(spec, init_seed=1).to(DEV)
         x64 = grown_state(model, 3, *CORRECT_GRID, torch.float64)
         ref = model.step(x64, seed=3, step=9, backend="reference")
@@ -114,6 +122,107 @@ def correctness(report):
     b = model.rollout(x.double(), ROLLOUT[1], seed=1, backend="reference")
     report["correctness"] = {"step": rows, "masks_bit_identical": same,
                              "rollout50_rel_error": relative_error(a, b)}
+
+
+# ---- the warm-up: every kernel the sections launch, compiled in parallel worker processes -------
+# A Triton kernel compiles in ~2-5 s on one core, holding the GIL for most of it, and the sections
+# launch ~80 of them one after another: minutes of the one device call. The kernels' integer
+# arguments are not specialised (step.STEP_INTS), so a tiny grid compiles the very binaries a 4096^2
+# grid runs: each task below runs one part of the check's fused paths at WARM_GRID in a worker
+# process, which writes Triton's on-disk cache; the sections then load those binaries (~10 ms each).
+# A kernel the tasks miss compiles in its section as before: the warm-up saves time, never results.
+# (on a GPU: interior tiles and the border ring for every tile width; a dry run compiles nothing and
+# checks only that the tasks run: the interpreter would take minutes a task at the GPU's size)
+WARM_GRID = (12, 300) if not DRY else (4, 6)
+WARM_LIMIT_S = 180.0
+
+
+def warm_tasks() -> list:
+    """``(kind, *args)`` tuples for :func:`warm`: the step's forward per model, dtype, precision and
+    interior loads; the backward (a step and a CUDA-graphed rollout) per model and precision; the
+    decoders per dtype; the mask check's model."""
+    tasks = [("forward", name, str(dtype), precision, "plain")
+             for name, (_, variants) in CHECKED.items() for dtype, precision in variants]
+    tasks += [("forward", "growing", str(dtype), "tf32", loads) for loads in INTERIOR_LOADS if loads != "plain"
+              for dtype in (torch.float32, torch.float16)]
+    tasks += [("backward", name, precision) for name in ("growing", "texture") for precision in ("tf32", "ieee")]
+    tasks += [("decode", str(dtype)) for dtype in (torch.float32, torch.float16)] + [("masks",)]
+    if DRY:  # (one task of each kind)
+        tasks = [t for i, t in enumerate(tasks) if t[0] not in {u[0] for u in tasks[:i]}]
+    return tasks
+
+
+def warm(task: tuple) -> tuple:
+    """Run ``task`` (from :func:`warm_tasks`) at a tiny size: ``(task, seconds, error or None)``."""
+    t0 = time.time()
+    try:
+        kind, *args = task
+        if kind == "forward":
+            name, dtype, precision, loads = args
+            os.environ["NCA_FAST_INTERIOR_LOADS"] = loads
+            model = nf.NCA(CHECKED[name][0], init_seed=0).to(DEV).requires_grad_(False)
+            model.fp32_matmul = precision
+            x = grown_state(model, 1 if DRY else 2, *WARM_GRID, getattr(torch, dtype.replace("torch.", "")))
+            with torch.no_grad():
+                model.step(x, seed=0, step=1, backend="triton")
+                model.rollout(x, 3, seed=0, backend="triton")
+                xc = x.contiguous(memory_format=torch.channels_last)
+                model.fused_rollout(xc.shape, xc.dtype, steps=3)(xc, seed=0)
+        elif kind == "backward":
+            name, precision = args
+            model = nf.NCA(CHECKED[name][0], init_seed=3).to(DEV)
+            model.fp32_matmul = precision
+            x = grown_state(model, 1 if DRY else 2, *WARM_GRID, torch.float32).requires_grad_(True)
+            model.step(x, seed=1, backend="triton").sum().backward()
+            model.rollout(x, 8, seed=2, every=4, backend="triton")[:, :, :4].square().sum().backward()
+        elif kind == "decode":
+            dtype = getattr(torch, args[0].replace("torch.", ""))
+            model = nf.NCA(nf.texture_spec(), init_seed=0).to(DEV).requires_grad_(False)
+            x = grown_state(model, 1, *WARM_GRID, dtype)
+            ps = build_decoder(pixel_shuffle_spec(12, scale=8, out_channels=3)).to(DEV)
+            lppn = build_decoder(lppn_spec(12, scale=8, out_channels=3, hidden=32, layers=3)).to(DEV)
+            with torch.no_grad():
+                state = model.fused_rollout(x.shape, dtype, steps=1)(x, seed=0)
+                model.fused_rollout(x.shape, dtype, steps=1, decoder=ps)(x, seed=0)
+                decode(lppn, state, backend="triton", precision="fp16")
+        elif kind == "masks":
+            spec = nf.NCASpec(channels=4, hidden=16, alive_channel=None, hidden_bias=False, fire_rate=0.5)
+            m = nf.NCA(spec, {"w1": torch.zeros(16, 12), "w2": torch.zeros(4, 16), "b2": torch.ones(4)}).to(DEV)
+            with torch.no_grad():
+                m.step(torch.zeros(2, 4, *WARM_GRID, device=DEV), seed=0, step=0, origin=(5, -9), backend="triton")
+        else:
+            raise ValueError(f"unknown warm-up task {task!r}")
+        sync()
+        return task, time.time() - t0, None
+    except Exception as e:  # noqa: BLE001 (reported; the section then compiles what this missed)
+        return task, time.time() - t0, f"{type(e).__name__}: {e}"
+
+
+def precompile(report, workers: int, limit_s: float = WARM_LIMIT_S) -> None:
+    """:func:`warm_tasks` on ``workers`` spawned processes (their CUDA contexts apart from this one),
+    for at most ``limit_s`` seconds (then the stragglers are stopped: their kernels compile in their
+    sections). Records the wall time and each task's seconds and error."""
+    import multiprocessing
+
+    tasks = warm_tasks()
+    workers = max(1, min(workers, len(tasks)))
+    rows = report["precompile"] = {"workers": workers, "tasks": []}
+    t0 = time.time()
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        results = pool.imap_unordered(warm, tasks)
+        for _ in tasks:
+            task, secs, error = results.next(timeout=max(0.1, limit_s - (time.time() - t0)))
+            rows["tasks"].append({"task": "/".join(map(str, task)), "s": secs, "error": error})
+            print(f"precompile {rows['tasks'][-1]}", flush=True)
+    except multiprocessing.TimeoutError:
+        rows["stopped_after_s"] = limit_s
+        print(f"gpu_check: precompile stopped after {limit_s:.0f} s", flush=True)
+    finally:
+        pool.terminate()
+        pool.join()
+    rows["wall_s"] = time.time() - t0
+    rows["errors"] = [r for r in rows["tasks"] if r["error"]]
 
 
 def _first_call(fn) -> float:
@@ -150,6 +259,8 @@ def throughput(report, sizes, steps):
                     continue
                 if pname == "compile" and (DRY or n not in (2048, max(sizes))):
                     continue  # minutes of compilation: one size on a GPU, none on a CPU
+                if past_deadline(report, f"throughput {mname} {n}^2 {pname}"):
+                    continue
                 x = x32.to(dtype).contiguous(memory_format=torch.channels_last)
                 per_call = steps
                 if pname == "reference":
@@ -182,6 +293,7 @@ def throughput(report, sizes, steps):
                              "compile_s": max(0.0, compile_s - med)})
                 print(f"{mname:16} {pname:20} {n:5}^2 {cells / med / 1e9:8.3f} G/s "
                       f"{rows[-1]['fraction_of_memory_floor']:.2f} of floor, first call {compile_s:.1f} s", flush=True)
+                checkpoint(report)
     for r in rows:
         base = next((q for q in rows if q["model"] == r["model"] and q["size"] == r["size"]
                      and q["provider"] == "reference"), None)
@@ -205,6 +317,8 @@ def interior_loads(report, steps):
             x = grown_state(model, 1, *LOADS_GRID, dtype).contiguous(memory_format=torch.channels_last)
             plain = None
             for loads in INTERIOR_LOADS:
+                if past_deadline(report, f"interior loads {loads} {tag}"):
+                    continue
                 os.environ["NCA_FAST_INTERIOR_LOADS"] = loads
                 roll = model.fused_rollout(x.shape, dtype, steps=steps)  # (reads the setting once)
                 fn = lambda: roll(x, seed=0)
@@ -220,23 +334,26 @@ def interior_loads(report, steps):
                              "rel_diff_to_plain": relative_error(out.double(), plain.double()),
                              "compile_s": max(0.0, compile_s - med)})
                 print(rows[-1], flush=True)
+                checkpoint(report)
     finally:
         if before is None:
             os.environ.pop("NCA_FAST_INTERIOR_LOADS", None)
         else:
             os.environ["NCA_FAST_INTERIOR_LOADS"] = before
     for r in rows:
-        base = next(q for q in rows if q["dtype"] == r["dtype"] and q["loads"] == "plain")
-        r["speedup_vs_plain"] = base["s_per_step"] / r["s_per_step"]
+        base = next((q for q in rows if q["dtype"] == r["dtype"] and q["loads"] == "plain"), None)
+        r["speedup_vs_plain"] = base["s_per_step"] / r["s_per_step"] if base else None
 
 
 @torch.no_grad()
 def decoders(report):
     """Issue-5 goals: 3840x2160 frames from a 480x270 grid (scale 8) at >= 1000 frames/s including one
     NCA step per frame (LPPN, 3 sine layers of 32), and step+pixel-shuffle <= 1.2x a plain step."""
-    rows = []
+    rows = report["decoders"] = []
     model = nf.NCA(nf.texture_spec(), init_seed=0).to(DEV)
     for dtype in (torch.float32, torch.float16):
+        if past_deadline(report, f"decoders {dtype}"):
+            continue
         x = grown_state(model, 1, *DECODE_GRID, dtype)
         plain = model.fused_rollout(x.shape, dtype, steps=1)
         ps = build_decoder(pixel_shuffle_spec(12, scale=8, out_channels=3)).to(DEV)
@@ -254,7 +371,17 @@ def decoders(report):
                      "pixel_shuffle_ratio": t_fused / t_plain, "step_plus_lppn_ms": t_lppn * 1e3,
                      "lppn_frames_per_s": 1.0 / t_lppn})
         print(rows[-1], flush=True)
-    report["decoders"] = rows
+        checkpoint(report)
+
+
+def reference_grads(model, x, loss) -> list:
+    """The reference's autograd gradients ``[dL/dx, dL/dw...]`` of ``loss(model, x)``, in float64: an
+    fp32 reference would run its convolutions in TF32 on a GPU (cuDNN's default), ~1e-2 from exact
+    there, which is no yardstick for the "ieee" kernels (~1e-5)."""
+    ref = copy.deepcopy(model).double()
+    xx = x.detach().double().requires_grad_(True)
+    loss(ref, xx).backward()
+    return [xx.grad] + [p.grad for p in ref.parameters()]
 
 
 def training(report):
@@ -276,11 +403,14 @@ def training(report):
                 return [xx.grad] + [p.grad.clone() for p in model.parameters()]
 
             a, b = grads("triton"), grads("triton")
-            want = [g.double() for g in grads("reference")]
+            want = reference_grads(model, x, lambda m, xx: (m.step(xx, seed=1, backend="reference") * gout).sum())
             err = max(relative_error(g, w) for g, w in zip(a, want))
             rows.append({"model": name, "precision": precision, "grad_rel_error": err,
                          "bit_identical": all(torch.equal(u, v) for u, v in zip(a, b))})
             print(rows[-1], flush=True)
+            checkpoint(report)
+    if past_deadline(report, "differentiable rollout"):
+        return
     # a differentiable rollout: one autograd node, its launches CUDA-graphed, against the same launches
     # uncaptured (bit for bit), itself (run to run) and the reference's autograd
     model = nf.NCA(nf.growing_spec(), init_seed=4).to(DEV)
@@ -297,7 +427,8 @@ def training(report):
     a, b = rollout_grads("triton"), rollout_grads("triton")
     graphed = captured(model) or DRY  # (the interpreter runs no CUDA graphs)
     plain = rollout_grads("triton", graphs=False)
-    want = [g.double() for g in rollout_grads("reference")]
+    want = reference_grads(model, x, lambda m, xx: m.rollout(xx, 8, seed=2, every=4, backend="reference")
+                           [:, :, :4].square().sum())
     report["rollout_grad"] = {"captured": graphed,
                               "rel_error": max(relative_error(g, w) for g, w in zip(a, want)),
                               "bit_identical": all(torch.equal(u, v) for u, v in zip(a, b)),
@@ -353,7 +484,14 @@ def markdown(report) -> str:
         lines += ["", f"**Not run** (past the {report['deadline_s']:.0f} s deadline): " + "; ".join(report["skipped"])]
     for e in report.get("errors", []):
         lines += ["", f"**{e['section']} raised** (the other sections ran):", "", "```", e["traceback"].rstrip(), "```"]
-    lines += ["", f"compiling (first calls of the throughput table): {report.get('compile_s', 0):.0f} s; "
+    pre = report.get("precompile")
+    if pre:
+        lines += ["", f"precompile: {len(pre['tasks'])} tasks on {pre['workers']} processes in "
+                      f"{pre.get('wall_s', 0):.0f} s"
+                  + (f", stopped after {pre['stopped_after_s']:.0f} s" if "stopped_after_s" in pre else "")
+                  + "".join(f"; {r['task']} raised {r['error']}" for r in pre.get("errors", []))]
+    lines += ["", f"compiling (first calls of the throughput table"
+              f"{', kernels loaded from the precompile' if pre else ''}): {report.get('compile_s', 0):.0f} s; "
               f"whole run {report.get('wall_s', 0):.0f} s"]
     lines += ["", f"masks bit-identical: {c.get('masks_bit_identical')}; 50-step rollout (fp32 ieee) rel. error "
               f"{c.get('rollout50_rel_error', float('nan')):.2e}", "", "## Throughput", "",
@@ -406,6 +544,15 @@ def past_deadline(report, what: str) -> bool:
     return True
 
 
+OUT = None  # the output folder of this run (set by run_sections): checkpoint() writes there
+
+
+def checkpoint(report) -> None:
+    """The report on disk as it stands, mid-section (a run killed later keeps each measured row)."""
+    if OUT is not None:
+        write(report, OUT)
+
+
 def write(report, out: Path) -> None:
     """gpu_check.json and gpu_check.md as they stand (after every section: a run killed later keeps
     what was measured)."""
@@ -419,6 +566,8 @@ def run_sections(report, sections, out: Path) -> None:
     ``report["errors"]`` with its traceback and the next runs (a GPU session's single call keeps every
     measurement that did not depend on the failure; after a CUDA error the rest fail fast); one that
     would start past ``report["deadline"]`` is listed as not run. The report is written after each."""
+    global OUT
+    OUT = out
     for name, fn in sections:
         if not past_deadline(report, name):
             t0 = time.time()
@@ -440,7 +589,12 @@ def main():
     ap.add_argument("--deadline", type=float, default=None if DRY else 420.0,
                     help="seconds: sections (and throughput grid sizes) not started by then are skipped and "
                          "listed, so that one device call returns its results (default 420; none in a dry run)")
+    ap.add_argument("--workers", type=int, default=2 if DRY else min(16, os.cpu_count() or 1),
+                    help="processes compiling the kernels in parallel before the sections (0: none; "
+                         "default: the CPU cores, at most 16; 2 in a dry run)")
     args = ap.parse_args()
+    if args.workers < 0:
+        ap.error(f"--workers must be >= 0, got {args.workers}")
     if not DRY and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device (--dry-run runs it on the CPU)")
     import triton
@@ -457,7 +611,8 @@ def main():
     steps = 2 if DRY else 10
     # (in the order the open goals need them: correctness, then the step's throughput, training,
     # the interior loads' default and the decoders)
-    run_sections(report, [("correctness", lambda: correctness(report)),
+    warmup = [("precompile", lambda: precompile(report, args.workers))] if args.workers else []
+    run_sections(report, warmup + [("correctness", lambda: correctness(report)),
                           ("throughput", lambda: throughput(report, sizes, steps)),
                           ("training", lambda: training(report)),
                           ("interior_loads", lambda: interior_loads(report, steps)),

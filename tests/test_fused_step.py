@@ -390,6 +390,56 @@ def test_rollout_holds_two_state_buffers(spec, steps):
     torch.testing.assert_close(torch.stack(got), want, atol=2e-5, rtol=2e-5)
 
 
+def test_launchers_make_their_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: every launcher first makes its first tensor's
+    device current (a model on cuda:1 while cuda:0 is current)."""
+    entered = []
+
+    class Device:
+        def __init__(self, d):
+            entered.append(d)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class OnCuda1(torch.Tensor):
+        is_cuda = property(lambda self: True)
+        device = property(lambda self: torch.device("cuda", 1))
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    for name in ("launch_step", "launch_step_backward", "launch_reduce_partials", "launch_perceive_vjp",
+                 "launch_finalize", "launch_pixel_shuffle", "launch_lppn"):
+        assert hasattr(getattr(launch, name), "__wrapped__"), name
+    run = launch.on_device(lambda cfg, t: t.device)
+    assert run(None, torch.Tensor._make_subclass(OnCuda1, torch.zeros(1))) == torch.device("cuda", 1)
+    assert entered == [torch.device("cuda", 1)]
+    assert run(None, torch.zeros(1)) == torch.device("cpu") and len(entered) == 1  # (CPU: nothing entered)
+
+
+def test_batches_beyond_32_bit_offsets_launch_in_slices(monkeypatch):
+    """The border and finalize kernels index ``cell * C`` in 32 bits: a batch of more elements is
+    launched in slices of images (here the limit lowered to two images a launch), with the same
+    states and in-kernel masks as one launch (bit for bit)."""
+    assert [(s.start, s.stop) for s in launch.batch_slices(5, launch.MAX_LAUNCH_ELEMENTS // 2)] == [(0, 2), (2, 4),
+                                                                                                     (4, 5)]
+    g = torch.Generator().manual_seed(29)
+    spec = nf.growing_spec()
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=3, H=7, W=71)
+    whole = model.step(x, seed=4, step=2, backend="triton"), model.rollout(x, 3, seed=5, backend="triton")
+    calls = []
+    monkeypatch.setattr(launch, "MAX_LAUNCH_ELEMENTS", 2 * spec.channels * 7 * 71)
+    monkeypatch.setattr(launch, "batch_slices", lambda B, n, f=launch.batch_slices: calls.append(B) or f(B, n))
+    sliced = model.step(x, seed=4, step=2, backend="triton"), model.rollout(x, 3, seed=5, backend="triton")
+    assert 2 in calls and 1 in calls  # (the slices were launched: 2 images, then 1)
+    for a, b in zip(sliced, whole):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(sliced[1], model.rollout(x, 3, seed=5, backend="reference"), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("programs", [2, 3])
 def test_persistent_grid_with_spare_programs(monkeypatch, programs):
     """On a GPU the persistent grid has fewer programs than tiles; in the last round some programs

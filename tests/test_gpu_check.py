@@ -21,6 +21,9 @@ def test_gpu_check_dry_run(tmp_path):
         "reference", "triton-tf32 rollout", "triton-tf32 step", "triton-fp16 rollout", "triton-fp16 step"}
     assert all(r["compile_s"] >= 0 for r in report["throughput"]) and "compile_s" in report
     assert len(report["decoders"]) == 2
+    pre = report["precompile"]  # (the warm-up ran one task of each kind, in worker processes)
+    assert {r["task"].split("/")[0] for r in pre["tasks"]} == {"forward", "backward", "decode", "masks"}
+    assert pre["errors"] == [] and pre["workers"] == 2
     assert "all checks passed" in (tmp_path / "gpu_check.md").read_text()
 
 

@@ -22,8 +22,7 @@ from .config import (
     step_config,
 )
 
-_STEP_I32 = ("H", "W", "n_items", "items_per_program", "top", "bot", "left", "right", "step_offset",
-             "row0", "col0", "batch0", "fire_threshold")
+_STEP_I32 = step.STEP_INTS
 _STEP_F32 = ("threshold", "step_size", "p_lo", "p_hi", "h_lo", "h_hi", "u_lo", "u_hi", "s_lo", "s_hi")
 _PTR = {"fp16": "*fp16", "bf16": "*bf16"}
 # The published architectures (the budgets of `nca-fast kernels` are set on these), then one spec per

@@ -71,7 +71,7 @@ def _axis(idx, n_in, n_out, circular):
     return i0, i1, w, local
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H", "W", "Ho", "Wo", "K", "N_FREQ", "N_HID_LAYERS", "CIRCULAR"))
 def lppn_kernel(proj_ptr, out_ptr, w0_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
                 H, W, Ho, Wo, K, N_FREQ, N_HID_LAYERS, CIRCULAR,
                 HID: tl.constexpr, BLOCK_P: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr):
@@ -131,7 +131,7 @@ def lppn_kernel(proj_ptr, out_ptr, w0_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr,
     tl.store(optr, o.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & (kcol < K)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H", "W", "n_tiles_w", "tiles_per_image"))
 def pixel_shuffle_kernel(x, img, dw0, db0, dw1, db1, H, W, n_tiles_w, tiles_per_image,
                          C: tl.constexpr, CP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                          R: tl.constexpr, K: tl.constexpr, N: tl.constexpr, DH: tl.constexpr,

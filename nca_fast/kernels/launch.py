@@ -6,6 +6,7 @@ and the decode dispatch (``nca_fast.decoders.decode``) own the buffers.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -17,6 +18,7 @@ from .config import (
     BACKWARD_BW,
     BACKWARD_WARPS,
     FP_FUSION,
+    INT32_MAX,
     PERCEIVE_VJP_BW,
     REDUCE_BLOCK,
     HeadConfig,
@@ -56,6 +58,37 @@ def counter_tensor(seed: int, step: int, device) -> torch.Tensor:
 def i32(v: int) -> int:
     """``v`` mod 2**32 as a signed 32-bit kernel argument: Philox counters only see the low 32 bits."""
     return (int(v) + 2**31) % 2**32 - 2**31
+
+
+def on_device(launcher):
+    """Run ``launcher`` with the CUDA device of its first tensor argument current: Triton launches on
+    the current device (and that device's current stream), not on its tensors' device, so a model on
+    ``cuda:1`` would otherwise launch on ``cuda:0`` with ``cuda:1``'s pointers."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or not t.is_cuda:
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(*args, **kwargs)
+    return run
+
+
+# The most elements a launch of the step or finalize kernel may index: their border and finalize
+# programs address cell * C in 32 bits (the interior kernel in 64), so a batch of more elements is
+# launched in slices of images, each from its own base pointer (batch_offset keeps its masks).
+MAX_LAUNCH_ELEMENTS = INT32_MAX
+
+
+def batch_slices(B: int, per_image: int):
+    """Slices of at most ``MAX_LAUNCH_ELEMENTS // per_image`` images covering ``range(B)``
+    (``per_image`` <= the limit: ``config.step_problem``)."""
+    n = max(1, MAX_LAUNCH_ELEMENTS // per_image)
+    return [slice(b0, min(B, b0 + n)) for b0 in range(0, B, n)]
+
+
+def _part(t: Optional[torch.Tensor], sl: slice) -> Optional[torch.Tensor]:
+    return None if t is None else t[sl]
 
 
 def _clamp_args(spec: NCASpec):
@@ -111,6 +144,7 @@ def interior_programs(cfg: StepConfig, n_tiles: int, left: int, right: int, devi
     return min(n_tiles, per_row * max(1, grid_programs(n_tiles, device) // per_row))
 
 
+@on_device
 def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_pre, ctr, *,
                 step_offset: int = 0, origin=(0, 0), batch_offset: int = 0, fire_rate: float,
                 update_mask: Optional[torch.Tensor] = None, pending: bool = False,
@@ -122,7 +156,15 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
     if head is not None and cfg.ALIVE:
         raise ValueError("an alive model's frame is decoded by launch_finalize (its true state)")
     _check_channels_last(src, dst)
-    B, _, H, W = src.shape
+    B, C, H, W = src.shape
+    slices = batch_slices(B, C * H * W)
+    if len(slices) > 1:
+        for sl in slices:
+            launch_step(cfg, spec, packed, src[sl], _part(src_pre, sl), dst[sl], _part(dst_pre, sl), ctr,
+                        step_offset=step_offset, origin=origin, batch_offset=batch_offset + sl.start,
+                        fire_rate=fire_rate, update_mask=_part(update_mask, sl), pending=pending, head=head,
+                        head_weights=head_weights, image=_part(image, sl))
+        return
     top, bot, left, right = regions(cfg, H, W, pending)
     w1, wb, w2, b2, fscale = packed
     want = (2 if cfg.SPLIT else 1) * cfg.F * cfg.CP * cfg.HP
@@ -181,6 +223,7 @@ def backward_buffers(cfg: StepConfig, shape, device) -> BackwardBuffers:
     return BackwardBuffers(B, gp, part, gd, streams)
 
 
+@on_device
 def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, gy, bufs: BackwardBuffers, ctr, *,
                          step_offset: int = 0, origin=(0, 0), batch_offset: int = 0, fire_rate: float,
                          update_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -226,6 +269,7 @@ def weight_gradient_buffers(cfg: StepConfig, device) -> Tuple[torch.Tensor, ...]
                                                                                device=device),)
 
 
+@on_device
 def launch_reduce_partials(cfg: StepConfig, part: torch.Tensor, out=None):
     """The weight gradients (gW1, gW1's bias rows, gW2, gb2) in the packed weights' layouts, fp32 (into
     ``out``, buffers from ``weight_gradient_buffers``, when given): the rows of ``part`` added in a
@@ -239,6 +283,7 @@ def launch_reduce_partials(cfg: StepConfig, part: torch.Tensor, out=None):
     return grads
 
 
+@on_device
 def launch_perceive_vjp(cfg: StepConfig, gp: torch.Tensor, gy: torch.Tensor, fscale: torch.Tensor) -> torch.Tensor:
     """Add the transposed perception of ``gp`` (the backward's slabs, [NCH, B, H, W, F*CP] fp32) into
     ``gy`` (fp32 ``[B, C, H, W]`` channels-last) in place; returns ``gy``, now dL/dx."""
@@ -264,12 +309,19 @@ def tap_table(cfg: StepConfig, device) -> torch.Tensor:
     return _TAP_TABLES[key]
 
 
+@on_device
 def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Optional[HeadConfig] = None,
                     head_weights=(), image=None, life: Optional[torch.Tensor] = None) -> None:
     """Pending form ``(src, src_pre)`` -> the true state in ``dst`` (and its frame with ``head``; each
     cell's alive decision in ``life``, u8 ``[B, H, W]``, when given)."""
     _check_channels_last(src, dst)
-    B, _, H, W = src.shape
+    B, C, H, W = src.shape
+    slices = batch_slices(B, C * H * W)
+    if len(slices) > 1:
+        for sl in slices:
+            launch_finalize(cfg, spec, src[sl], src_pre[sl], dst[sl], head, head_weights, _part(image, sl),
+                            _part(life, sl))
+        return
     n_items = B * H * W
     n_tiles = -(-n_items // cfg.BW)
     dec_args = (image, *head_weights) if head is not None else (dst,) * 5
@@ -281,6 +333,7 @@ def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Opt
         **(dict(DECODE=True, **head.constexprs()) if head is not None else {}))
 
 
+@on_device
 def launch_pixel_shuffle(head: HeadConfig, head_weights, precision: str, x: torch.Tensor, image: torch.Tensor) -> None:
     """Decode ``x [B, C, H, W]`` (float32, channels-last) into ``image [B, K, H*R, W*R]``."""
     B, C, H, W = x.shape
@@ -294,6 +347,7 @@ def launch_pixel_shuffle(head: HeadConfig, head_weights, precision: str, x: torc
         **FP_FUSION)
 
 
+@on_device
 def launch_lppn(dspec, packed: dict, precision: str, x: torch.Tensor, image: torch.Tensor) -> None:
     """Decode ``x [B, C, H, W]`` into ``image [B, K, Ho, Wo]`` with the LPPN kernel."""
     B, C, H, W = x.shape

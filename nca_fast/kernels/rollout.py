@@ -99,14 +99,15 @@ class FusedRollout:
         """Record the launches in a CUDA graph (replayed by ``__call__``)."""
         if self.device.type != "cuda":
             raise RuntimeError("FusedRollout.capture needs a CUDA device")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._run()  # warm-up: compiles the kernels outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._run()
+        with torch.cuda.device(self.device):  # (streams and graphs belong to the current device)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._run()  # warm-up: compiles the kernels outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._run()
         return self
 
     def set_counters(self, seed: int, start_step: int) -> None:
@@ -125,7 +126,8 @@ class FusedRollout:
         self.set_counters(seed, start_step)
         self.x.copy_(x)
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.device):  # (replays on the current device's stream)
+                self.graph.replay()
             return self.out
         return self._run()
 

@@ -221,19 +221,20 @@ class _Rollout:
         """Record ``plan``'s forward and backward as CUDA graphs (after a warm-up run of each, which
         compiles the kernels outside the capture), keeping the last ``MAX_GRAPHS`` plans' graphs."""
         cuda = self.device.type == "cuda"
-        stream = torch.cuda.Stream() if cuda else None
-        if cuda:
-            stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            self.forward(plan)
-            self.g[0].zero_()
-            for t in self.g_kept:
-                t.zero_()
-            self.backward(plan)
-        if cuda:
-            torch.cuda.current_stream().wait_stream(stream)
-        self.graphs[plan.launches_key] = (cuda_graph(lambda: self.forward(plan)),
-                                          cuda_graph(lambda: self.backward(plan)))
+        with self._current():
+            stream = torch.cuda.Stream() if cuda else None
+            if cuda:
+                stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                self.forward(plan)
+                self.g[0].zero_()
+                for t in self.g_kept:
+                    t.zero_()
+                self.backward(plan)
+            if cuda:
+                torch.cuda.current_stream().wait_stream(stream)
+            self.graphs[plan.launches_key] = (cuda_graph(lambda: self.forward(plan)),
+                                              cuda_graph(lambda: self.backward(plan)))
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
 
@@ -241,7 +242,8 @@ class _Rollout:
         graphs = self.graphs.get(plan.launches_key)
         if graphs is not None:
             self.graphs.move_to_end(plan.launches_key)
-            graphs[0].replay()
+            with self._current():
+                graphs[0].replay()
         else:
             self.forward(plan)
         self.generation += 1
@@ -249,7 +251,16 @@ class _Rollout:
 
     def run_backward(self, plan: RolloutPlan) -> None:
         graphs = self.graphs.get(plan.launches_key)
-        graphs[1].replay() if graphs is not None else self.backward(plan)
+        if graphs is None:
+            self.backward(plan)
+            return
+        with self._current():
+            graphs[1].replay()
+
+    def _current(self):
+        """This rollout's device made current (CUDA streams, graphs and replays belong to the current
+        device, not to the tensors')."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
 
 def cuda_graph(fn):

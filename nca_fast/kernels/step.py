@@ -57,6 +57,12 @@ from .operand import as_a_operand, k_order
 from .pixel_shuffle import pixel_shuffle_out
 
 NAN = tl.constexpr(tl.PropagateNan.ALL)  # every min / max keeps NaN, as torch does
+# The step's integer arguments, compiled as plain i32 (never specialised on value or on divisibility
+# by 16): one binary per configuration whatever the grid, step or batch offset, instead of a compile
+# per value class (a rollout's step_offset alone is 0, 1 and "other"; seconds each on a GPU host),
+# and the binary `nca-fast kernels` reports is the one that runs.
+STEP_INTS = ("H", "W", "n_items", "items_per_program", "top", "bot", "left", "right", "step_offset",
+             "row0", "col0", "batch0", "fire_threshold")
 
 
 @triton.jit
@@ -270,7 +276,7 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
     return pts, x, pool
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_INTS)
 def nca_step_kernel(
     src, src_pre, dst, dst_pre, fire_mask, ctr, desc,  # state in/out [B, H, W, C]; masks u8 [B, H, W]
     w1, wb, w2, b2, fscale,  # packed (pack.pack_step): w1 [F, CP, HP], wb [16, HP], w2 [HP, CP]; b2, fscale
@@ -512,7 +518,7 @@ def nca_step_kernel(
                               DOT_T, PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H", "W", "n_items", "items_per_program"))
 def nca_finalize_kernel(src, src_pre, dst, life, img, dw0, db0, dw1, db1, H, W, n_items, items_per_program,
                         threshold, C: tl.constexpr, CP: tl.constexpr, ALPHA: tl.constexpr, APAD: tl.constexpr,
                         BW: tl.constexpr, LIFE: tl.constexpr = False,

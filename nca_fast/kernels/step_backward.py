@@ -98,7 +98,8 @@ def _w2_chunk(w2, c, chan, hc, CP: tl.constexpr, HP, HC: tl.constexpr, DOT_T: tl
     return w_hi, w_lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H", "W", "n_items", "items_per_program", "step_offset", "row0", "col0",
+                                      "batch0", "fire_threshold"))
 def nca_step_backward_kernel(
     src, life, fire_mask, ctr, gout,  # state x [B, H, W, C]; life u8 [B, H, W]; g = dL/dy [B, H, W, C]
     w1, wb, w2, b2, fscale,  # the forward's packed weights, fp32 (pack.pack_step)
@@ -285,7 +286,7 @@ def _gp_taps(acc, gp, slab, taps, fscale, k, bb, ri, rj, ok, H, W, chan, cok, F:
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("H", "W", "n_items"))
 def perceive_vjp_kernel(
     gp, taps, fscale, gx,  # g_p slabs [NCH, B, H, W, F*CP] fp32; taps [9, F]; filter scales [F]; in/out gx
     H, W, n_items,
@@ -348,7 +349,7 @@ def perceive_vjp_kernel(
     tl.store(out, acc, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("streams",))
 def reduce_partials_kernel(
     part, gw1, gwb, gw2, gb2,  # partials [streams, NPART]; out: the packed weights' gradients (fp32)
     streams,
