@@ -172,3 +172,22 @@ def test_every_configuration_compiles_with_the_device_images_triton(tmp_path):
     assert not failed and proc.returncode == 0, (failed, proc.stdout[-3000:], proc.stderr[-3000:])
     n = sum(len(c.targets) for c in catalogue.compile_configs())
     assert len(rows) == n
+
+
+def test_integer_arguments_are_never_specialised():
+    """Every integer argument of every kernel is in its ``do_not_specialize``: the binary a launch
+    compiles is the one reported here whatever the grid, step or batch offset (a value of 1 or a
+    multiple of 16 would otherwise compile another, and a rollout's step offsets three)."""
+    seen = set()
+    for cfg in catalogue.compile_configs():
+        ints = {n for n, t in cfg.signature.items() if t in ("i32", "i64")}
+        fn = cfg.fn
+        names = getattr(fn, "do_not_specialize", None)
+        if names is None:  # (the interpreter's function keeps the decorator's arguments)
+            names = fn.kwargs.get("do_not_specialize") or ()
+        params = list(getattr(fn, "arg_names", None) or fn.fn.__code__.co_varnames)
+        free = {n for n in ints if n not in names and params.index(n) not in names}
+        assert not free, f"{cfg.name}: integer arguments specialised on their values: {sorted(free)}"
+        seen.add(fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__)
+    assert {"nca_step_kernel", "nca_finalize_kernel", "nca_step_backward_kernel", "perceive_vjp_kernel",
+            "reduce_partials_kernel", "pixel_shuffle_kernel", "lppn_kernel"} <= seen
