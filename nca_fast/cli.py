@@ -12,7 +12,9 @@ COMMANDS = (info, run, bench, kernels, fit_decoder, train, export, view)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nca-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nca-fast", description="nca_fast: run, render, benchmark, train, export and watch neural "
+                                     "cellular automata (`nca-fast COMMAND --help` for each command).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
@@ -21,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # (a command that re-runs itself in a clean process passes these on)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return int(args.func(args) or 0)

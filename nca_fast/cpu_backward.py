@@ -25,6 +25,7 @@ import torch
 
 from . import cpu, reference
 from .spec import NCASpec
+from .utils.checks import once_differentiable
 
 # Columns (cells) per chunk of the MLP's backward: its [hidden, chunk] intermediates (~5 of them)
 # stay in a core's L2 (hidden 128: 512 KiB each).
@@ -223,8 +224,8 @@ class CpuStep(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # (a double backward raises instead of dropping terms)
     def backward(ctx, gy):
+        once_differentiable("the CPU path")
         x, fire_mask, keep, *weights = ctx.saved_tensors
         gx, grads = step_vjp(x, dict(zip(ctx.names, weights)), ctx.spec, fire_mask, gy, keep)
         return (gx if ctx.needs_input_grad[0] else None, None, None, None,

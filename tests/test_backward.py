@@ -531,3 +531,15 @@ def test_fused_decode_trains_with_the_nca(kind):
     for n in gr:
         _close(gt[n], gr[n], 1e-4)
         assert float(gr[n].abs().sum()) > 0, n
+
+
+@pytest.mark.parametrize("steps", [1, 3], ids=["step", "rollout"])
+def test_a_gradient_of_the_gradient_is_refused(steps):
+    """The fused backward is once-differentiable: a backward recording a graph (create_graph=True, as
+    a gradient penalty's ``autograd.grad`` asks) raises at once, naming the way out, rather than
+    returning unconnected (None) gradients."""
+    model, x, _ = _growing_case(15, B=1, H=5, W=6)
+    y = (model.step(x, seed=1, backend="triton") if steps == 1 else
+         model.rollout(x.requires_grad_(True), steps, seed=1, backend="triton"))
+    with pytest.raises(RuntimeError, match="once-differentiable.*backend='reference'"):
+        torch.autograd.grad(y.square().sum(), list(model.parameters()), create_graph=True, allow_unused=True)

@@ -66,7 +66,7 @@ def test_run_gif(tmp_path):
 
 
 @pytest.mark.parametrize("scale, shape", [(2, (30, 42)), (1, (16, 22))])  # yuv420p: odd sides padded
-def test_run_mp4(tmp_path, scale, shape):
+def test_run_mp4(tmp_path, capsys, scale, shape):
     try:
         import imageio_ffmpeg
         imageio_ffmpeg.get_ffmpeg_exe()
@@ -76,6 +76,9 @@ def test_run_mp4(tmp_path, scale, shape):
     assert main(["run", "texture", "--size", "15x21", "--steps", "6", "--every", "2", "--scale-up", str(scale),
                  "--fps", "10", "--out", str(out)]) == 0
     assert _frames(out).shape[:3] == (4, *shape)
+    said = capsys.readouterr().out
+    assert f"{15 * scale}x{21 * scale} pixels" in said
+    assert (f"padded to {shape[0]}x{shape[1]}" in said) == (scale == 1)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -147,3 +150,16 @@ def test_run_decoder_errors(tmp_path, capsys):
     assert "renders at scale 4 only" in capsys.readouterr().err
     assert main(["run", "texture", "--scale", "3", "--out", out]) == 2
     assert "--scale needs --decoder" in capsys.readouterr().err
+
+
+def test_help_describes_each_command_in_whole_sentences(capfd):
+    """``--help`` descriptions are a docstring's first paragraph, not its first line (which stopped
+    mid-sentence), and ``kernels --filter`` matching nothing is an error, not "0 passed"."""
+    for argv, tail in ((["kernels", "--help"], "persistent loop costs"), (["run", "--help"], None)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = " ".join(capfd.readouterr().out.split())
+        assert tail is None or tail in out
+    assert main(["kernels", "--filter", "no-such-kernel"]) == 2
+    # (under the interpreter the command re-runs itself in a clean process: its own arguments, its fds)
+    assert "--filter 'no-such-kernel' matches no configuration" in capfd.readouterr().err

@@ -278,13 +278,19 @@ def test_rollout_trains_through_it(backend, fits, checkpoint_every, threads, mon
 
 
 def test_double_backward_is_refused_not_wrong():
-    """The backward is once-differentiable: a gradient of a gradient raises (the reference has it)."""
+    """The backward is once-differentiable: a backward that records a graph for a gradient of the
+    gradient raises at once (the reference has it), also through ``autograd.grad`` with
+    ``allow_unused`` (a gradient penalty), where it would otherwise return None."""
     spec = growing_spec(channels=4, hidden=6)
+    params = {n: t.requires_grad_() for n, t in _params(spec).items()}
     x = _state(spec, 1, 5, 5).requires_grad_()
-    y = cpu_backward.step(x, _params(spec), spec, None)
-    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+    y = cpu_backward.step(cpu_backward.step(x, params, spec, None), params, spec, None)
+    with pytest.raises(RuntimeError, match="once-differentiable.*backend='reference'"):
+        torch.autograd.grad(y.square().sum(), list(params.values()), create_graph=True, allow_unused=True)
+    with pytest.raises(RuntimeError, match="once-differentiable"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    gx, = torch.autograd.grad(y.square().sum(), x)  # (first order: as before)
+    assert gx.shape == x.shape
 
 
 def test_auto_trains_with_the_reference_while_its_graph_fits(monkeypatch):

@@ -66,6 +66,9 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("boom")
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["t.bin"]
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder: give a file name"):
+        nca_fast.save(nca_fast.NCA(growing_spec(channels=4, hidden=8)), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

@@ -81,6 +81,26 @@ def test_viewer_streams_frames_and_the_brush_erases_server_state(server):
         browser.close()
 
 
+def test_bad_page_messages_get_errors_that_name_the_problem(server):
+    """A binary frame, JSON that is not an object, an unknown type or a missing field: the page gets
+    an error message saying which (the stream goes on)."""
+    connect = pytest.importorskip("websockets.sync.client", reason="needs the websockets client").connect
+    url, _ = server
+    with connect(url.replace("http://", "ws://") + "ws") as ws:
+        def error_after(payload) -> str:
+            ws.send(payload)
+            while True:  # (past the binary frames and the info message)
+                m = ws.recv(timeout=30)
+                if isinstance(m, str) and json.loads(m)["type"] == "error":
+                    return json.loads(m)["message"]
+
+        assert error_after(b"\x00\x01") == "messages are JSON text, got a binary frame"
+        assert "a message is a JSON object" in error_after("[1, 2, 3]")
+        assert "unknown message type 'nope'" in error_after('{"type": "nope"}')
+        assert error_after('{"type": "brush"}') == "a 'brush' message needs the field 'col'"
+        ws.send('{"type": "pause", "paused": true}')  # (still served)
+
+
 def test_simulation_handles_page_messages_and_ignores_bad_ones():
     sim = Simulation({"g": nf.NCA(nf.growing_spec(channels=8, hidden=16))}, "g", (10, 12))
     sim.handle({"type": "steps_per_frame", "n": 10**9})
@@ -109,6 +129,14 @@ def test_view_errors_come_from_the_command_line(tmp_path, capsys):
     save_decoder(build_decoder(pixel_shuffle_spec(12, scale=2)), tmp_path / "tex.safetensors")
     assert main(["view", "growing", "--decoder", str(tmp_path / "tex.safetensors")]) == 2
     assert "takes 12 channels, model 'growing' has 16" in capsys.readouterr().err
+    import socket
+    with socket.socket() as busy:  # a port in use: the command's error, before any address is shown
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["view", "growing", "--size", "8x8", "--port", str(port), "--device", "cpu"]) == 2
+    out = capsys.readouterr()
+    assert f"nca-fast view: error: cannot serve on 127.0.0.1:{port}" in out.err and "http://" not in out.out
 
 
 def test_simulation_renders_through_a_decoder_at_the_pages_scale():

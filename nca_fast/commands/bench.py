@@ -18,12 +18,13 @@ from ..bench.suite import device_info, machine_info
 from ..bench.train import TRAIN_PROVIDERS, run_train, train_table
 from ..utils.checks import check_memory, device_arg
 from ..utils.files import atomic_write_bytes
+from . import described
 from .info import load_model
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the backends (quick by default on a CPU)",
-                       description=__doc__.splitlines()[0])
+                       description=described(__doc__))
     p.add_argument("--full", action="store_true",
                    help="every provider that runs here, more sizes (GPU: 64..4096; CPU: 64..1024), longer "
                         "measurements")
@@ -118,7 +119,7 @@ def run(args) -> int:
     _check_out(Path(args.out))
 
     log = lambda s: print(s, file=sys.stderr, flush=True)
-    report = bench.run(cases, models, providers, device, settings, log=log, argv=sys.argv[1:])
+    report = bench.run(cases, models, providers, device, settings, log=log, argv=getattr(args, "argv", sys.argv[1:]))
     if not args.no_render:
         report["render"] = run_render(device, min_time=settings.min_time, log=log)
     print(bench.report.table(report))

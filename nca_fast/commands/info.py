@@ -8,6 +8,7 @@ from typing import Optional
 from ..io import load
 from ..model import NCA
 from ..spec import growing_spec, texture_spec
+from . import described
 
 # Random-weight default NCAs, so that examples run without model files.
 BUILTINS = {"growing": growing_spec, "texture": texture_spec}
@@ -48,7 +49,7 @@ def run(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="print a model's spec and parameter count",
-                       description=__doc__.splitlines()[0])
+                       description=described(__doc__))
     p.add_argument("model", help="model file, or a built-in: " + ", ".join(BUILTINS))
     p.add_argument("--name", help="model name inside a multi-model file (Distill textures)")
     p.set_defaults(func=run)

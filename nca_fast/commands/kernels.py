@@ -22,13 +22,14 @@ from ..kernels import catalogue
 from ..kernels.compile import SHARED_LIMIT, TARGETS, compile_config
 from ..kernels.config import interpreting
 from ..utils.files import atomic_write_bytes, check_output
+from . import described
 
 BUDGET_TRITON = "3.9"  # the release the budgets were set on; other releases are reported, not gated
 
 
 def add_parser(sub):
     p = sub.add_parser("kernels", help="compile every kernel configuration for a GPU target (no GPU needed)",
-                       description=__doc__.splitlines()[0])
+                       description=described(__doc__))
     p.add_argument("--target", action="append", choices=sorted(TARGETS),
                    help="GPU target; repeat for several (default: sm_80 and sm_90a)")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -65,7 +66,7 @@ def run(args) -> int:
     if interpreting():
         # Under the interpreter @triton.jit gives uncompilable functions: run in a clean process.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "nca_fast.cli", *sys.argv[1:]], env=env)
+        return subprocess.call([sys.executable, "-m", "nca_fast.cli", *args.argv], env=env)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if args.json:  # (before compiling anything)
         check_output(args.json, (".json",), "--json")
@@ -74,6 +75,9 @@ def run(args) -> int:
     targets = args.target or list(TARGETS)
     all_cfgs = catalogue.compile_configs()
     configs = [(i, c) for i, c in enumerate(all_cfgs) if args.filter in c.name]
+    if not configs:
+        raise ValueError(f"--filter {args.filter!r} matches no configuration (names are like "
+                         f"{all_cfgs[0].name!r}, {all_cfgs[-1].name!r})")
     jobs = [(i, t) for t in targets for i, c in configs if t in c.targets]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(_compile, jobs))

@@ -12,6 +12,7 @@ from ..backend import BACKENDS
 from ..decoders import decode, load_decoder, render_frames
 from ..utils.checks import check_memory, device_arg
 from ..utils.optional import optional_import
+from . import described
 from .info import BUILTINS, load_model
 
 MAX_SIDE = 1 << 16
@@ -139,14 +140,17 @@ def run(args) -> int:
                 bar.update(args.steps - last)
             n_frames = media.write_video(args.out, frames(), args.fps)
     up = args.scale_up * (1 if decoder is None else (size[0] // height if size else decoder.spec.scale))
-    print(f"wrote {args.out} ({n_frames} frame{'s' * (n_frames != 1)}, "
-          f"{height * up}x{width * args.batch * up} pixels)")
+    ph, pw = height * up, width * args.batch * up
+    padded = ext == ".mp4" and (ph % 2 or pw % 2)  # (media.write_video: H.264's yuv420p takes even sides)
+    print(f"wrote {args.out} ({n_frames} frame{'s' * (n_frames != 1)}, {ph}x{pw} pixels"
+          + (f", padded to {ph + ph % 2}x{pw + pw % 2} by repeating the last row / column: H.264 takes even sides"
+             if padded else "") + ")")
     return 0
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="roll out a model and write a PNG, GIF or MP4",
-                       description=__doc__.split("\n\n")[0].replace("\n", " "))
+                       description=described(__doc__))
     p.add_argument("model", help="model file, or a built-in: " + ", ".join(BUILTINS))
     p.add_argument("--out", required=True, help="output file: .png (final frame), .gif or .mp4")
     p.add_argument("--name", help="model name inside a multi-model file (Distill textures)")

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
     p.add_argument("--checkpoint-interval", type=int, default=100, metavar="N")
     p.add_argument("--iterations", type=int, default=d.iterations)
-    p.add_argument("--size", type=int, default=d.target_size, help=f"target's longer side in cells ({d.target_size})")
+    p.add_argument("--size", type=int, default=d.target_size,
+                   help=f"the target image's longer side is shrunk to at most this many cells ({d.target_size})")
     p.add_argument("--padding", type=int, default=d.padding, help=f"empty cells around it ({d.padding})")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--pool", type=int, default=d.pool, help=f"sample pool size ({d.pool}; 0: always from the seed)")

@@ -2,6 +2,8 @@
 browser, driven by nca_fast's engine on this machine (needs the ``view`` extra: starlette, uvicorn)."""
 from __future__ import annotations
 
+import socket
+
 from ..decoders import load_decoder
 from ..io import model_names
 from ..utils.checks import device_arg
@@ -49,7 +51,31 @@ def run(args) -> int:
             raise ValueError(f"decoder {args.decoder} takes {decoder.spec.channels} channels, model {name!r} has "
                              f"{m.spec.channels}")
     app = make_app(models, first, size, decoder=decoder, max_clients=args.max_clients)
-    print(f"nca-fast view: http://{args.host}:{args.port}/  ({len(models)} model(s), {size[0]}x{size[1]}, "
+    sock = _bind(args.host, args.port)  # (a busy port is an error here, before the address is shown)
+    port = sock.getsockname()[1]  # (--port 0: the free port the system picked)
+    print(f"nca-fast view: http://{args.host}:{port}/  ({len(models)} model(s), {size[0]}x{size[1]}, "
           f"{device}; Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    with sock:
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        except KeyboardInterrupt:  # (uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop)
+            pass
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``; an address in use or not of this machine raises OSError
+    naming it."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise OSError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (not SO_REUSEPORT: a busy port fails)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    return sock

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..backend import BACKENDS
+from ..commands import described
 from ..commands.info import BUILTINS, load_model
 from ..commands.run import parse_size
 from ..media import to_frame, write_png
@@ -27,7 +28,7 @@ from .shards import load_rows, save_shards
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nca_fast.distributed", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m nca_fast.distributed", description=described(__doc__))
     p.add_argument("model", help="model file, or a built-in: " + ", ".join(BUILTINS))
     p.add_argument("--name", help="model name inside a multi-model file")
     p.add_argument("--size", required=True, help="grid HxW")

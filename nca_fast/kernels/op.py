@@ -16,6 +16,7 @@ import torch
 
 from .. import reference, rng
 from ..spec import NCASpec
+from ..utils.checks import once_differentiable
 from .config import INT32_MAX, step_config
 from .launch import (
     backward_buffers,
@@ -173,6 +174,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g, _glife):
+    once_differentiable("the fused step")
     x, life, w1, wb, w2, b2, fscale, ctr, update_mask = ctx.saved_tensors
     gx, gw1, gwb, gw2, gb2 = fused_step_backward_op(x, life, g, w1, wb, w2, b2, fscale, ctr, update_mask, *ctx.args)
     return gx, gw1, gwb, gw2, gb2, None, None, None, None, None, None, None, None

@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..spec import NCASpec
-from ..utils.checks import check_memory
+from ..utils.checks import check_memory, once_differentiable
 from .config import StepConfig, interpreting
 from .launch import (
     backward_buffers,
@@ -341,8 +341,8 @@ class _FusedRolloutFn(torch.autograd.Function):
         return r.out.clone(), kept  # (the graph's buffers: the next rollout overwrites them)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g_out, g_kept):
+        once_differentiable("the fused rollout")
         plan = ctx.plan
         x, *packed = ctx.saved_tensors
         r = ctx.r if ctx.r is not None else _rollout_for(plan, None, packed)  # (a 2nd backward: retain_graph)

@@ -123,3 +123,12 @@ def check_memory(nbytes: int, device, what: str, per_cell: Optional[int] = None)
             side = int((avail // per_cell) ** 0.5)
             hint = f"; at most about {side}x{side} cells fit"
         raise MemoryError(f"{what} needs {_gib(nbytes)}, more than the {_gib(avail)} available on {device}{hint}")
+
+
+def once_differentiable(what: str) -> None:
+    """Call first in a backward that has no backward of its own: raises when the backward records a
+    graph (``create_graph=True``, as ``autograd.grad`` for a gradient penalty asks), whose gradients
+    would otherwise come back unconnected (None with ``allow_unused``) rather than fail."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what}'s backward is once-differentiable: a backward with create_graph=True "
+                           "(a gradient of a gradient) needs backend='reference'")

@@ -158,6 +158,8 @@ def atomic_output(path) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():  # (mkdtemp's error would name the temporary folder)
         raise FileNotFoundError(f"the folder of {path} does not exist: {path.parent}")
+    if path.is_dir():  # (os.replace's error would too)
+        raise IsADirectoryError(f"{path} is a folder: give a file name to write")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     tmp = tmpdir / path.name
     try:

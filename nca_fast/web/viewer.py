@@ -87,7 +87,8 @@ class Simulation:
         return np.array([w, h], "<u4").tobytes() + rgba.tobytes()
 
     def handle(self, msg: dict) -> None:
-        """A message from the page (anything else is ignored)."""
+        """A message from the page, ``{"type": ..., ...}``; an unknown type or a missing or malformed
+        field raises ValueError, KeyError or TypeError (the page gets it as an error message)."""
         kind = msg.get("type")
         if kind == "brush":
             self.brush(float(msg["col"]), float(msg["row"]), min(64.0, max(0.5, float(msg.get("radius", 4)))),
@@ -102,11 +103,15 @@ class Simulation:
             self.steps_per_frame = max(1, min(MAX_STEPS_PER_FRAME, int(msg["n"])))
         elif kind == "model":
             self.select(str(msg["name"]))
-        elif kind == "scale" and self.decoder is not None:
-            H, W = self.size
-            s = max(1, min(self.decoder.spec.scale * 4, int(msg["scale"])))
-            if H * W * s * s <= MAX_FRAME_PIXELS:
-                self.scale = s
+        elif kind == "scale":
+            if self.decoder is not None:  # (no decoder: the frame is the grid itself)
+                H, W = self.size
+                s = max(1, min(self.decoder.spec.scale * 4, int(msg["scale"])))
+                if H * W * s * s <= MAX_FRAME_PIXELS:
+                    self.scale = s
+        else:
+            raise ValueError(f"unknown message type {kind!r} (brush, pause, step, reset, steps_per_frame, "
+                             "model, scale)")
 
 
 def make_app(models: Dict[str, NCA], first: str, size: Tuple[int, int], *, decoder=None, max_clients: int = 4,
@@ -133,15 +138,26 @@ def make_app(models: Dict[str, NCA], first: str, size: Tuple[int, int], *, decod
                                               "size": list(size), "decoder": decoder is not None}))
         stop = asyncio.Event()
 
+        async def _error(message: str) -> None:
+            await websocket.send_text(json.dumps({"type": "error", "message": message[:200]}))
+
         async def receive():
             try:
                 while True:
+                    message = await websocket.receive()
+                    if message["type"] == "websocket.disconnect":
+                        raise ws_mod.WebSocketDisconnect(message.get("code", 1000))
                     try:
-                        msg = json.loads(await websocket.receive_text())
-                        if isinstance(msg, dict):
-                            sim.handle(msg)
-                    except (ValueError, KeyError, TypeError) as e:
-                        await websocket.send_text(json.dumps({"type": "error", "message": str(e)[:200]}))
+                        if message.get("text") is None:
+                            raise ValueError("messages are JSON text, got a binary frame")
+                        msg = json.loads(message["text"])
+                        if not isinstance(msg, dict):
+                            raise ValueError(f"a message is a JSON object with a \"type\", got {type(msg).__name__}")
+                        sim.handle(msg)
+                    except KeyError as e:
+                        await _error(f"a {msg.get('type')!r} message needs the field {e}")
+                    except (ValueError, TypeError) as e:
+                        await _error(str(e))
             except ws_mod.WebSocketDisconnect:
                 stop.set()
 
