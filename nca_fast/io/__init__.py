@@ -50,7 +50,8 @@ def load(path, name: Optional[str] = None) -> NCA:
     for fmt in (webgl, tfjs):
         if fmt.matches(obj):
             return _guarded(fmt.load, _single(path, name), obj)
-    keys = [str(k)[:40] for k in list(obj)[:8]] if isinstance(obj, dict) else f"a list of {len(obj)}"
+    keys = ([str(k)[:40] for k in list(obj)[:8]] or "an empty object") if isinstance(obj, dict) else \
+        f"a list of {len(obj)}"
     raise ModelFormatError(path, f"unknown JSON model format (top level: {keys}); expected Distill WebGL "
                                  "layers, a Distill textures models.json or a TF.js graph model")
 

@@ -95,7 +95,8 @@ def _layer(path, layer, i: int, index: int, n_models: int):
 def load(path, obj, name: Optional[str]) -> NCA:
     models = names(path, obj)
     if name is None or name not in models:
-        what = f"has no model {name!r}" if name else f"holds {len(models)} models, pick one with name="
+        what = (f"has no model {name!r}" if name else
+                f"holds {len(models)} models, pick one by name (--name, or name= in Python)")
         raise ModelFormatError(path, f"texture file {what}; available: {listing(models, 80)}")
     layers = obj["layers"]
     if not isinstance(layers, list) or len(layers) != 2:

@@ -32,6 +32,11 @@ class InputFileError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article ("an image file", "a model file")."""
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
 def _size(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
         if n >= scale:
@@ -61,14 +66,14 @@ def open_input(path, *, limit: int, what: str, error: Type[InputFileError] = Inp
         if e.errno == errno.ELOOP:
             raise error(path, "symlink loop") from None
         if e.errno == errno.EISDIR:
-            raise error(path, f"is a directory, not a {what}") from None
+            raise error(path, f"is a directory, not {_a(what)}") from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise error(path, f"is {_kind(st.st_mode)}, not a {what}")
+            raise error(path, f"is {_kind(st.st_mode)}, not {_a(what)}")
         if st.st_size > limit:
-            raise error(path, f"is {_size(st.st_size)}, more than the {_size(limit)} a {what} may have")
+            raise error(path, f"is {_size(st.st_size)}, more than the {_size(limit)} {_a(what)} may have")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
