@@ -303,9 +303,12 @@ class NCA(nn.Module):
         else:
             seg = steps if self._graph_fits(x, steps, backend) else max(1, math.isqrt(max(steps, 1)))
         self._check_finite(x, "the input state")
+        fused = cfg is not None and steps > 0 and not cfg.backward_problem() and not torch.compiler.is_compiling()
+        if not fused and not torch.compiler.is_compiling():  # (the fused node checks its own)
+            self._check_graph_memory(x, steps, seg, every, backend)
         packed = self.packed_weights(x.dtype, grad=True) if backend == "triton" else None
         # the whole rollout as one autograd node; traced by torch.compile, the op step by step
-        if cfg is not None and steps > 0 and not cfg.backward_problem() and not torch.compiler.is_compiling():
+        if fused:
             out, kept = fused_rollout_grad(self.spec, cfg, self.precision(x.dtype), packed, x, steps, seed=seed,
                                            start_step=start_step, origin=origin, every=every, seg=seg,
                                            owner=self if self.cuda_graphs else None)
@@ -345,6 +348,18 @@ class NCA(nn.Module):
         if backend in ("triton", "cpu"):
             return self.spec.channels * torch.empty((), dtype=dtype).element_size() + (1 if backend == "triton" else 2)
         return self.rollout_bytes_per_cell(dtype, "reference")
+
+    def _check_graph_memory(self, x: torch.Tensor, steps: int, seg: int, every: Optional[int], backend: str) -> None:
+        """Refuse, before any step runs, a differentiable rollout whose graph cannot fit: a checkpoint
+        state per segment, the states ``every`` keeps and one segment's graph live at once."""
+        B, C, H, W = x.shape
+        n_seg = -(-steps // seg) if seg < steps else 0
+        kept = steps // every if every else 0
+        per_cell = B * ((n_seg + kept) * C * x.element_size()
+                        + min(seg, steps) * self.graph_bytes_per_cell(x.dtype, backend))
+        check_memory(H * W * per_cell, x.device,
+                     f"a differentiable {steps}-step rollout of {B}x{C}x{H}x{W} {str(x.dtype).replace('torch.', '')} "
+                     f"states ({backend}; checkpoint segments of {min(seg, steps)} steps)", per_cell=per_cell)
 
     def _graph_fits(self, x: torch.Tensor, steps: int, backend: str) -> bool:
         free = available_bytes(x.device)

@@ -406,3 +406,20 @@ def test_pool_after_fork(monkeypatch):
         p.join(10)
         if p.is_alive():
             p.kill()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_differentiable_rollout_beyond_memory_is_refused_before_it_runs(monkeypatch, backend):
+    """Its checkpoints (one per segment) and one segment's graph are counted before any step runs;
+    the message names the rollout and the largest grid that fits."""
+    from nca_fast.utils import checks
+
+    model = NCA(growing_spec(channels=4, hidden=8), init_seed=1)
+    x = _state(model.spec, 2, 6, 7)
+    state = x.numel() * 4
+    monkeypatch.setattr(checks, "_available_bytes", lambda device: 50 * state)
+    monkeypatch.setattr(cpu, "step", lambda *a, **k: pytest.fail("a step ran"))
+    monkeypatch.setattr(reference, "step", lambda *a, **k: pytest.fail("a step ran"))
+    with pytest.raises(MemoryError, match=f"a differentiable 10000-step rollout of 2x4x6x7 float32 states "
+                                          f"\\({backend}; checkpoint segments of 100 steps\\).*cells fit"):
+        model.rollout(x.requires_grad_(), 10000, backend=backend)
