@@ -87,6 +87,8 @@ def test_run_mp4(tmp_path, capsys, scale, shape):
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--every", "0"], "--every must be >= 1"),
     (["--fps", "0"], "--fps must be > 0"),
+    (["--every", "5"], "--every and --fps are for videos (.gif, .mp4): a .png holds the final frame"),
+    (["--steps", "4", "--every", "100", "--out", "OUT/x.gif"], "--every 100 is more than --steps 4"),
     (["--out", "OUT/x.jpg"], "unknown extension '.jpg'"),
     (["--out", "OUT/missing/x.png"], "output folder does not exist"),
     (["--name", "mondrian"], "takes no --name"),

@@ -46,6 +46,11 @@ def _check(args):
     except ValueError as e:
         raise ValueError(f"--{e}") from None
     ext = media.check_output(args.out)
+    if ext in media.IMAGE_EXTS and (args.every != 1 or args.fps != 30.0):
+        raise ValueError(f"--every and --fps are for videos (.gif, .mp4): a {ext} holds the final frame")
+    if ext not in media.IMAGE_EXTS and 0 < args.steps < args.every:
+        raise ValueError(f"--every {args.every} is more than --steps {args.steps}: the video would hold the "
+                         "seed alone")
     device = device_arg(args.device)
     if args.scale is not None and args.decoder is None:
         raise ValueError("--scale needs --decoder (use --scale-up for nearest-neighbour upscaling)")
