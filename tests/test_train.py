@@ -1,6 +1,7 @@
 """Training: Distill's growing recipe end to end through the CLI on a tiny target (the loss falls at
 least 10x and the saved model grows the target), bit-identical resume from a checkpoint, argument and
 checkpoint errors, the pool's damage, and texture training with a user-supplied feature network."""
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,10 @@ def test_resume_continues_bit_for_bit(target_png, tmp_path):
     with pytest.raises(ValueError, match="another target"):
         train_growing(load_target(target_png, 6, 3), GrowingConfig(iterations=7, **cfg), spec=spec,
                       checkpoint=ck, resume=True, progress=False)
+    with pytest.warns(UserWarning, match="holds 6 iterations, as many as the 5 asked for: nothing more to train"):
+        done = train_growing(target, GrowingConfig(iterations=5, **cfg), spec=spec, checkpoint=ck, resume=True,
+                             progress=False)
+    assert done.losses == straight.losses
 
 
 def test_cli_resumes_into_another_output_file(target_png, tmp_path, capsys):
@@ -115,6 +120,7 @@ def test_cli_refuses_bad_arguments_before_training(target_png, tmp_path, capsys)
         (["--out", out, "--steps", "9", "3"], "max_steps"),
         (["--out", out, "--damage", "8"], "damage"),
         (["--out", out, "--pool", "4"], "pool"),
+        (["--out", out, "--channels", "3"], "--channels must be >= 4 (RGBA, then hidden channels)"),
     ]
     for extra, message in cases:
         assert main(["train", str(target_png), *extra, "--quiet"]) == 2
@@ -161,7 +167,13 @@ def test_texture_training_with_a_user_feature_network():
 
 
 def test_bad_targets_and_devices_are_refused_before_training(tmp_path):
+    from nca_fast import media
     from nca_fast.utils.checks import device_arg
+
+    clear = tmp_path / "clear.png"
+    media.write_png(clear, np.zeros((8, 8, 4), np.uint8))
+    with pytest.raises(ValueError, match="clear.png: the target image is fully transparent"):
+        load_target(clear)
 
     with pytest.raises(ValueError, match=r"\[4, H, W\]"):
         train_growing(torch.zeros(3, 8, 8), GrowingConfig(iterations=1), progress=False)

@@ -56,6 +56,9 @@ def run(args) -> int:
             raise ValueError(f"{path} is the target image: refusing to replace an input")
     if args.resume and args.checkpoint is None:
         raise ValueError("--resume needs --checkpoint")
+    if args.channels < 4 or args.hidden < 1:
+        raise ValueError(f"--channels must be >= 4 (RGBA, then hidden channels) and --hidden >= 1, got "
+                         f"{args.channels} and {args.hidden}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite positive number, got {args.lr}")
     config = GrowingConfig(target_size=args.size, padding=args.padding, batch=args.batch, pool=args.pool,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -88,6 +89,8 @@ def load_target(path, size: int = 40, padding: int = 16) -> torch.Tensor:
     if s < 1.0:
         hw = (max(1, round(h * s)), max(1, round(w * s)))
         img = F.interpolate(img[None], size=hw, mode="bilinear", antialias=True, align_corners=False)[0]
+    if not bool((img[3] > 0).any()):
+        raise ValueError(f"{path}: the target image is fully transparent: there is nothing to grow")
     return F.pad(img.clamp(0, 1), (padding,) * 4)
 
 
@@ -170,6 +173,9 @@ def train_growing(target: torch.Tensor, config: GrowingConfig = GrowingConfig(),
                    "target": target}
         ckpt.save(checkpoint, tensors, {**meta, "optimizer": groups, "iteration": len(losses)})
 
+    if len(losses) >= config.iterations:
+        warnings.warn(f"{checkpoint} holds {len(losses)} iterations, as many as the {config.iterations} asked for: "
+                      "nothing more to train (raise the iterations to continue)", stacklevel=2)
     bar = Progress(config.iterations, initial=len(losses), enabled=progress)
     for it in range(len(losses), config.iterations):
         loss = _iteration(model, opt, pool, seed_state, target, config, it, g, backend)
