@@ -39,7 +39,7 @@ def test_fit_rejects_bad_input(model):
         fit_decoder(model, torch.zeros(3, 8, 8), 2, kind="nearest", steps=1, grow_steps=24)
 
 
-def test_cli_fit_decoder_writes_a_decoder(tmp_path, monkeypatch, model, single_thread):
+def test_cli_fit_decoder_writes_a_decoder(tmp_path, monkeypatch, capsys, model, single_thread):
     Image = pytest.importorskip("PIL.Image")
     from nca_fast import cli
     from nca_fast.commands import fit_decoder as cmd
@@ -54,3 +54,11 @@ def test_cli_fit_decoder_writes_a_decoder(tmp_path, monkeypatch, model, single_t
     dec = load_decoder(out)
     assert (dec.spec.kind, dec.spec.channels, dec.spec.scale, dec.spec.out_channels) == ("lppn", 8, 4, 3)
     assert cli.main(["fit-decoder", "texture", str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    for extra, message in ((["--steps", "0"], "--steps must be in [1, 10000000], got 0"),
+                           (["--scale", "0"], "--scale must be in [1, 256], got 0"),
+                           (["--kind", "pixel_shuffle", "--layers", "3"], "--layers is for lppn decoders"),
+                           (["--grow-steps", "16"], "need grow_steps (--grow-steps) >= 24, got 16")):
+        assert cli.main(["fit-decoder", "texture", str(tmp_path / "target.png"), *extra, "--out",
+                         str(tmp_path / "x.safetensors")]) == 2
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "x.safetensors").exists()

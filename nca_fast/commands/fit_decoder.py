@@ -37,8 +37,13 @@ def add_parser(sub) -> None:
 
 def _check(args) -> torch.device:
     """Every argument check, before any file is read or any work done."""
-    if not 1 <= args.scale <= 256 or not 0 <= args.steps <= 10**7 or not 0 <= args.grow_steps <= 2**32 - 1:
-        raise ValueError("--scale must be in [1, 256], --steps in [0, 10^7], --grow-steps in [0, 2^32)")
+    for flag, value, lo, hi in (("--scale", args.scale, 1, 256), ("--steps", args.steps, 1, 10**7),
+                                ("--grow-steps", args.grow_steps, 0, 2**32 - 1)):
+        if not lo <= value <= hi:  # (--steps 0 would write an untrained decoder)
+            raise ValueError(f"{flag} must be in [{lo}, {hi}], got {value}")
+    if args.kind == "pixel_shuffle" and args.layers is not None:
+        raise ValueError("--layers is for lppn decoders (a pixel-shuffle head has --hidden 0: linear, or one "
+                         "ReLU layer of --hidden units)")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite positive number, got {args.lr}")
     out = check_output(args.out, (".safetensors",), "--out")

@@ -60,8 +60,8 @@ def fit_decoder(model, image, scale: int, *, kind: str = "lppn", spec: Optional[
         if not isinstance(v, int) or v < (0 if what in ("steps", "grow_steps") else 1):
             raise ValueError(f"{what} must be a non-negative int, got {v!r}")
     if n_states > 1 and (n_states - 1) * state_stride > grow_steps:
-        raise ValueError(f"{n_states} states {state_stride} steps apart need grow_steps >= "
-                         f"{(n_states - 1) * state_stride}")
+        raise ValueError(f"{n_states} states {state_stride} steps apart need grow_steps (--grow-steps) >= "
+                         f"{(n_states - 1) * state_stride}, got {grow_steps}")
     K, Hi, Wi = target.shape
     H, W = grid if grid is not None else (max(1, round(Hi / scale)), max(1, round(Wi / scale)))
     C = model.spec.channels
