@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from ._version import __version__
 from .commands import bench, export, fit_decoder, info, kernels, run, train, view
 
 COMMANDS = (info, run, bench, kernels, fit_decoder, train, export, view)
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nca-fast", description="nca_fast: run, render, benchmark, train, export and watch neural "
                                      "cellular automata (`nca-fast COMMAND --help` for each command).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log backend choices")
+    parser.add_argument("--version", action="version", version=f"nca-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.add_parser(sub)

@@ -87,6 +87,7 @@ def test_safetensors_problems(tmp_path):
         "foreign": (good, {"format": "other"}, "without nca_fast metadata"),
         "future": (good, {**_meta(spec), "format_version": "99"}, "version '99'"),
         "badspec": (good, {**_meta(spec), "spec": '{"channels": -1, "hidden": 8}'}, "invalid spec"),
+        "nospec": (good, {"format": "nca_fast", "format_version": "1"}, "no spec in the metadata"),
         "shape": ({**good, "w1": torch.zeros(8, 13)}, _meta(spec), r"'w1' has shape \(8, 13\)"),
         "nan": ({**good, "b1": torch.full((8,), float("nan"))}, _meta(spec), "'b1' must be finite"),
     }

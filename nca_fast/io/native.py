@@ -36,8 +36,11 @@ def load(path, data: bytes) -> NCA:
     if not isinstance(version, str) or not version.isdigit() or int(version) > FORMAT_VERSION:
         raise ModelFormatError(path, f"format version {str(version)[:20]!r} is not supported (this nca_fast "
                                      f"reads up to {FORMAT_VERSION}); upgrade nca_fast")
+    if not meta.get("spec"):
+        raise ModelFormatError(path, "no spec in the metadata (nca_fast.save writes one): the file lost its "
+                                     "architecture")
     try:
-        spec = NCASpec.from_json(meta.get("spec", ""))
+        spec = NCASpec.from_json(meta["spec"])
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise ModelFormatError(path, f"invalid spec in the metadata ({str(e)[:300]})") from None
     return make_nca(path, spec, tensors)
