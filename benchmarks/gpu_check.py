@@ -135,13 +135,14 @@ def correctness(report):
 # checks only that the tasks run: the interpreter would take minutes a task at the GPU's size)
 WARM_GRID = (12, 300) if not DRY else (4, 6)
 WARM_LIMIT_S = 180.0
+_LOADS = os.environ.get("NCA_FAST_INTERIOR_LOADS")  # (the sections' default interior loads)
 
 
 def warm_tasks() -> list:
     """``(kind, *args)`` tuples for :func:`warm`: the step's forward per model, dtype, precision and
     interior loads; the backward (a step and a CUDA-graphed rollout) per model and precision; the
     decoders per dtype; the mask check's model."""
-    tasks = [("forward", name, str(dtype), precision, "plain")
+    tasks = [("forward", name, str(dtype), precision, None)  # (None: the interior loads' default)
              for name, (_, variants) in CHECKED.items() for dtype, precision in variants]
     tasks += [("forward", "growing", str(dtype), "tf32", loads) for loads in INTERIOR_LOADS if loads != "plain"
               for dtype in (torch.float32, torch.float16)]
@@ -157,9 +158,13 @@ def warm(task: tuple) -> tuple:
     t0 = time.time()
     try:
         kind, *args = task
+        loads = args[3] if kind == "forward" else None
+        # (a worker runs several tasks: each starts from the setting the sections see)
+        os.environ.pop("NCA_FAST_INTERIOR_LOADS", None)
+        if (loads or _LOADS) is not None:
+            os.environ["NCA_FAST_INTERIOR_LOADS"] = loads or _LOADS
         if kind == "forward":
-            name, dtype, precision, loads = args
-            os.environ["NCA_FAST_INTERIOR_LOADS"] = loads
+            name, dtype, precision, _ = args
             model = nf.NCA(CHECKED[name][0], init_seed=0).to(DEV).requires_grad_(False)
             model.fp32_matmul = precision
             x = grown_state(model, 1 if DRY else 2, *WARM_GRID, getattr(torch, dtype.replace("torch.", "")))
