@@ -71,6 +71,28 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin"]
 
 
+def test_a_killed_writers_temporary_folder_goes_with_the_next_write(tmp_path):
+    """SIGKILL leaves a writer's temporary folder (nothing can unwind): the next write of the same
+    file deletes it, keeping a live writer's and another host's (whose process ids mean nothing)."""
+    from nca_fast.utils import files
+
+    out = tmp_path / "x.gif"
+    proc = subprocess.Popen([sys.executable, "-c", "import os, signal, sys\n"
+                             "from nca_fast.utils.files import atomic_output\n"
+                             "with atomic_output(sys.argv[1]) as tmp:\n"
+                             "    tmp.write_bytes(b'half')\n"
+                             "    os.kill(os.getpid(), signal.SIGKILL)", str(out)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    orphan, = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    live = tmp_path / f"{files._partial_prefix(out)}{os.getpid()}.abc.partial"
+    other_host = tmp_path / f".x.gif.elsewhere.{proc.pid}.abc.partial"
+    live.mkdir()
+    other_host.mkdir()
+    files.atomic_write_bytes(out, b"GIF89a")
+    assert not orphan.exists() and live.is_dir() and other_host.is_dir() and out.read_bytes() == b"GIF89a"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_signals_during_a_video_leave_no_temporary_file(tmp_path, sig):
     out = tmp_path / "long.gif"

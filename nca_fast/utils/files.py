@@ -3,8 +3,10 @@
 Every output is written into a private temporary folder beside its target (``mkdtemp``: a random
 name, created exclusively, mode 0700, so nobody else can plant a symlink in it) and renamed over the
 target only once complete: a crash, Ctrl-C, SIGTERM or SIGHUP leaves the old file and no temporary
-one. Every input is read from a regular file of bounded size: devices, FIFOs, folders and oversized
-files are refused before a byte is read.
+one. A writer killed outright (SIGKILL, out of memory) cannot unwind: its folder is named after the
+host and process, and the next write of the same file deletes it once that process is gone. Every
+input is read from a regular file of bounded size: devices, FIFOs, folders and oversized files are
+refused before a byte is read.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import stat
 import tempfile
 import threading
@@ -155,6 +158,46 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _partial_prefix(path: Path) -> str:
+    """The start of the temporary folders' names for ``path``: ``.NAME.HOST.`` and then the writer's
+    process id (so that a later write can tell a dead writer's folder from a live one's)."""
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:64] or "host"
+    return f".{path.name}.{host}."
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete the temporary folders of earlier writes of ``path`` on this host whose process is gone
+    (SIGKILL, out of memory, a power cut: nothing could unwind them). Never another host's (their
+    process ids mean nothing here) nor a live process's."""
+    prefix = _partial_prefix(path)
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".partial")):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # (someone else's process, or unknowable: kept)
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output(path) -> Iterator[Path]:
     """A temporary path with ``path``'s name (so writers that go by the extension work) inside a
@@ -165,7 +208,9 @@ def atomic_output(path) -> Iterator[Path]:
         raise FileNotFoundError(f"the folder of {path} does not exist: {path.parent}")
     if path.is_dir():  # (os.replace's error would too)
         raise IsADirectoryError(f"{path} is a folder: give a file name to write")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    _remove_orphans(path)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(path)}{os.getpid()}.", suffix=".partial",
+                                   dir=path.parent))
     tmp = tmpdir / path.name
     try:
         with _signals_unwind():
