@@ -195,8 +195,9 @@ def step_configs() -> List[KernelConfig]:
                 add(f"{base}/{where}", interior, pending=True)
                 if alive and published:
                     add(f"{base}/{where}/single", interior, pending=False)
-            if published and precision == "tf32":
+            if published:  # an explicit update mask (model.step(update_mask=...)): interior and border
                 add(f"{base}/interior/mask", True, pending=False, has_mask=True)
+                add(f"{base}/border/mask", False, pending=False, has_mask=True)
             if published and precision != "ieee":
                 for hname, h in HEADS.items():
                     if alive:
@@ -205,7 +206,7 @@ def step_configs() -> List[KernelConfig]:
                         for interior in (True, False):
                             add(f"{base}/{'interior' if interior else 'border'}{hname}", interior, pending=False,
                                 head=h)
-            if alive and precision != "ieee":
+            if alive and (published or precision != "ieee"):
                 configs.append(_finalize(f"finalize/{model}/{precision}", model, spec, precision))
             if alive and published:  # model.step through the op: finalize also writes the alive bytes
                 configs.append(_finalize(f"finalize/{model}/{precision}/life", model, spec, precision, life=True))

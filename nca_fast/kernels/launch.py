@@ -91,6 +91,26 @@ def _part(t: Optional[torch.Tensor], sl: slice) -> Optional[torch.Tensor]:
     return None if t is None else t[sl]
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor of ``dtype`` for a pointer argument the launch leaves unused, typed as
+    ``nca-fast kernels`` compiles that argument (a pointer's type is part of the compiled binary: the
+    binary the report describes is the one that runs). Made once per device, before any capture."""
+    key = (device, dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(16, dtype=dtype, device=device)
+    return _DUMMIES[key]
+
+
+def _no_head(state: torch.Tensor):
+    """The decode head's arguments of a launch without one: frame and weights in the state's dtype,
+    biases fp32 (as catalogue.py types them)."""
+    f32 = _dummy(state.device, torch.float32)
+    return state, state, f32, state, f32
+
+
 def _clamp_args(spec: NCASpec):
     out = []
     for r in (spec.perception_clamp, spec.hidden_clamp, spec.update_clamp, spec.state_clamp):
@@ -171,9 +191,9 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
     if w1.numel() != want:
         raise ValueError(f"packed w1 holds {w1.numel()} values, the {cfg.PRECISION} step kernel reads {want}: "
                          "weights packed (pack.pack_step) for another precision or model")
-    dummy = dst_pre if dst_pre is not None else ctr
-    mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else dummy
-    dec_args = (image, *head_weights) if head is not None else (dummy,) * 5
+    u8 = _dummy(src.device, torch.uint8)
+    mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else u8
+    dec_args = (image, *head_weights) if head is not None else _no_head(src)
     head_ce = dict(DECODE=True, **head.constexprs()) if head is not None else {}
     ring = top * W + (H - bot) * W + (bot - top) * (left + W - right)
     n_interior, n_ring = interior_tiles(cfg, B, top, bot, left, right), B * ring
@@ -187,7 +207,7 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
         programs = (interior_programs(cfg, n_tiles, left, right, src.device) if interior else
                     grid_programs(n_tiles, src.device))
         nca_step_kernel[(programs,)](
-            src, src_pre if src_pre is not None else dummy, dst, dst_pre if dst_pre is not None else dummy,
+            src, src_pre if src_pre is not None else u8, dst, dst_pre if dst_pre is not None else u8,
             mask, ctr, desc if interior and desc is not None else src, w1, wb, w2, b2, fscale, *dec_args,
             H, W, n_items, -(-n_tiles // programs), top, bot, left, right,
             step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset), rng.fire_threshold(fire_rate),
@@ -247,11 +267,12 @@ def launch_step_backward(cfg: StepConfig, spec: NCASpec, packed, x, life, g, gy,
     n_chunks = -(-cfg.HP // cfg.backward_chunk())
     streams = min(bufs.streams, n_tiles)
     gp = bufs.gp[:n_chunks * n * cfg.F * cfg.CP].view(n_chunks, B, H, W, cfg.F * cfg.CP)
-    mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else ctr
+    u8 = _dummy(x.device, torch.uint8)
+    mask = update_mask.contiguous().view(torch.uint8) if update_mask is not None else u8
     for pass_ in cfg.backward_passes():  # (one stream's part row gets gb2 from pass 1 and the rest from pass 2)
         nca_step_backward_kernel[(streams * (1 if pass_ == 1 else n_chunks),)](
-            x, life if life is not None else ctr, mask, ctr, g, w1, wb, w2, b2, fscale, gy, gp, bufs.part,
-            bufs.gd if bufs.gd is not None else ctr,
+            x, life if life is not None else u8, mask, ctr, g, w1, wb, w2, b2, fscale, gy, gp, bufs.part,
+            bufs.gd if bufs.gd is not None else _dummy(x.device, torch.float32),
             H, W, n, -(-n_tiles // streams), step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset),
             rng.fire_threshold(fire_rate), float(spec.step_size), *_clamp_args(spec),
             num_warps=BACKWARD_WARPS, num_stages=1, **FP_FUSION,
@@ -324,7 +345,7 @@ def launch_finalize(cfg: StepConfig, spec: NCASpec, src, src_pre, dst, head: Opt
         return
     n_items = B * H * W
     n_tiles = -(-n_items // cfg.BW)
-    dec_args = (image, *head_weights) if head is not None else (dst,) * 5
+    dec_args = (image, *head_weights) if head is not None else _no_head(dst)
     programs = grid_programs(n_tiles, src.device)
     nca_finalize_kernel[(programs,)](
         src, src_pre, dst, life if life is not None else src_pre, *dec_args, H, W, n_items, -(-n_tiles // programs),
