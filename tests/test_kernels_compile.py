@@ -132,7 +132,7 @@ def test_dump_writes_cubins_and_configs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     configs = json.loads((tmp_path / "configs.json").read_text())
     base = "step/growing-16x128/fp16/interior"
-    assert {c["name"] for c in configs} == {f"{base}{phase}{loads}" for phase in ("", "/single")
+    assert {c["name"] for c in configs} == {f"{base}{phase}{loads}" for phase in ("", "/single", "/mask")
                                             for loads in ("", "/prefetch", "/tma")}
     for c in configs:
         assert c["kernel"] == "step" and c["model"] == "growing-16x128" and c["dtype"] == "fp16"
