@@ -41,11 +41,11 @@ HEADS = {"+ps8": (8, 0), "+ps4h32": (4, 32)}  # pixel-shuffle epilogues (scale, 
 # precisions) -> (warp-instructions per cell, barriers per tile, resident CTAs per SM at least). Where
 # the interior kernel exists, it is the one these apply to (it runs 96-99 % of a large grid's tiles).
 BUDGETS = {
-    ("growing-16x128", "rollout", ("fp16", "bf16")): (42, 8, 4),
-    ("growing-16x128", "rollout", ("tf32",)): (62, 10, 4),
-    ("growing-16x128", "single", ("fp16", "bf16")): (29, 6, 4),
-    ("growing-16x128", "single", ("tf32",)): (39, 8, 3),  # (3 CTAs: with an explicit mask, 140 registers)
-    ("texture-12x96", "rollout", ("fp16", "bf16")): (50, 8, 4),
+    ("growing-16x128", "rollout", ("fp16", "bf16")): (37, 8, 4),
+    ("growing-16x128", "rollout", ("tf32",)): (59, 10, 4),
+    ("growing-16x128", "single", ("fp16", "bf16")): (26, 6, 4),
+    ("growing-16x128", "single", ("tf32",)): (36, 8, 3),  # (3 CTAs: with an explicit mask, 140 registers)
+    ("texture-12x96", "rollout", ("fp16", "bf16")): (46, 8, 4),
     ("texture-12x96", "rollout", ("tf32",)): (61, 8, 4),
 }
 

@@ -43,7 +43,9 @@ registers while the loads are in flight. Multiplying each perception tile by its
 keeps Triton from converting every neighbour load to the dot-operand layout (a shared-memory round
 trip and two barriers each). A TF32 hidden layer enters the second dot in the register order its
 accumulator left it in, w2's rows loaded to match (``operand.py``): no shuffle per hidden value
-(growing tf32 rollout step 69.9 -> 59.4 warp-instructions a cell, 3 -> 4 CTAs on sm_90a).
+(growing tf32 rollout step 69.9 -> 59.4 warp-instructions a cell, 3 -> 4 CTAs on sm_90a). The update
+mask is drawn one cell a thread in the loads' layout and converted once (``_pinned``), not in the
+accumulator's, where each cell's Philox ran on four threads (growing fp16 rollout 36.9 -> 33.9).
 ``nca-fast kernels`` reports the result per configuration. The
 interior's loads can also be copied a tile ahead (cp.async or TMA, ``config.INTERIOR_LOADS``): more
 instructions, less exposed latency; opt-in until a GPU measures which wins.
@@ -84,6 +86,17 @@ def _relu_to(h, DOT_T: tl.constexpr, FAST: tl.constexpr):
                                          dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
         return tl.maximum(h, 0.0, propagate_nan=NAN).to(DOT_T)
+
+
+@triton.jit
+def _pinned(v):
+    """v through an opaque copy (GPU only: inline PTX), which Triton's layout passes cannot clone into
+    another layout. What computes v then stays in its own layout, and the result is converted once:
+    the update mask's Philox runs one cell a thread where the tile's loads put the cells, rather than
+    where its only use (``dx * fire``, in the MMA accumulator's layout) would put it: there each
+    thread holds two rows and four threads share them, so every thread ran two Philox draws (~100
+    instructions) and each cell's draw ran on four threads."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=v.dtype, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -494,6 +507,12 @@ def nca_step_kernel(
             c1 = (ii + row0).to(tl.uint32, bitcast=True)
             c3 = (bb + batch0).to(tl.uint32, bitcast=True)
             r0, _, _, _ = tl.philox(seed, c0, c1, step + c0 * 0, c3)
+            # One draw a cell (``_pinned``): -2.5 to -3 warp-instructions a cell on every step. Not
+            # where keeping the converted mask costs registers: a TF32 MLP in several hidden chunks
+            # (texture 12x96: 128 -> 147 registers, 4 -> 3 CTAs; 64x256 spilled more) and a border
+            # tile with a decoder's hidden layer (16-bit: spilled 16 B).
+            if FAST and (INTERIOR or DH == 0) and (DOT_T != tl.float32 or NCH == 1):
+                r0 = _pinned(r0)
             fire = (r0 >> 8).to(tl.int32) < fire_threshold
 
         # ---- residual, the state clamp, the store ----------------------------------------------
