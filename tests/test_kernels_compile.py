@@ -97,8 +97,9 @@ def test_backward_is_compiled_for_every_model_it_takes(report):
 def test_tf32_hidden_layer_stays_in_its_registers(report):
     """A TF32 hidden layer reaches the second dot where its accumulator left it (operand.py): the
     published models' interior steps and the pixel-shuffle decoders shuffle nothing per hidden
-    value (before: 64 SHFL + 64 FSEL a thread a tile for 128 hidden units; what is left, <= 4, is
-    the growing model's pre-update alpha pool, a maximum across the threads that share a cell)."""
+    value (before: 64 SHFL + 64 FSEL a thread a tile for 128 hidden units; what is left, in the
+    growing model's rollout step only, is its alpha pools: the pre-update pool, a maximum across the
+    threads that share a cell (4), and the pending window's parts, an OR across them (4 more))."""
     _, rows, _ = report
     tf32 = [r for r in rows if r["target"] == "sm_90a" and (
         r["kernel"] == "step" and r["interior"] and not r["head"] and r["model"] in catalogue.PUBLISHED
@@ -106,7 +107,7 @@ def test_tf32_hidden_layer_stays_in_its_registers(report):
         or r["kernel"] == "pixel_shuffle" and r["dtype"] == "ieee" and not r["config"].endswith("/h0/ieee"))]
     assert len(tf32) >= 8
     for r in tf32:
-        assert r["shuffles"] <= 4, r
+        assert r["shuffles"] <= (8 if r["model"] == "growing-16x128" and r["phase"] == "rollout" else 0), r
 
 
 @pytest.mark.skipif(not triton.__version__.startswith("3.9"), reason="budgets are set on triton 3.9's SASS")

@@ -82,7 +82,7 @@ def bytes_per_cell_update(spec: NCASpec, dtype: torch.dtype) -> int:
 # (Triton's software pipeline issues the next tile's loads as cp.async copies to shared memory while
 # this tile computes), "tma" (the same, each neighbour's [64, 16] box copied by the tensor memory
 # accelerator; sm_90 and later, channels-last strides that are multiples of 16 bytes; else
-# "prefetch"). Compiled for sm_90a (triton 3.9): growing fp16 rollout step 33.9 / 40.4 / 45.5
+# "prefetch"). Compiled for sm_90a (triton 3.9): growing fp16 rollout step 33.2 / 34.9 / 40.8
 # warp-instructions a cell, 8 / 7 / 25 barriers a tile, 4 / 4 / 3 CTAs an SM: the copies trade
 # instructions for latency, which only a GPU can weigh (benchmarks/gpu_check.py times all three).
 # Models of up to 16 channels only (one perception chunk): a wider tile's copies outgrow shared

@@ -28,8 +28,9 @@ computing concurrently. An alive model is therefore kept in a *pending* form bet
 
 The next step materialises the true state of each neighbour it reads: interior tiles get the 9
 neighbours' pools as separable 3x3 maxima over the 25 alpha values of the 5x5 window (row maxima,
-then column maxima), border tiles pool each neighbour's 3x3 directly (its padding may differ); the
-9 decisions are packed into one int32 per cell, so every step is one pass that reads and writes the
+then column maxima; an fp32 state's four threads a cell take one neighbour column each: ``_interior_keeps``),
+border tiles pool each neighbour's 3x3 directly (its padding may differ); the 9 decisions are packed
+into one int32 per cell, so every step is one pass that reads and writes the
 state once; a rollout ends with one ``finalize``.
 
 Masks multiply (``x * keep``, ``dx * fire``) and every min / max keeps NaN, so a NaN spreads exactly
@@ -164,22 +165,6 @@ def _keep_at(src, pre, cell, i, j, H, W, C: tl.constexpr, ALPHA: tl.constexpr, t
 
 
 @triton.jit
-def _window_row(rowp, off, C: tl.constexpr, PERC_T: tl.constexpr):
-    """The 3-wide maxima of one row of the 5x5 alpha window (``rowp + off`` is column -2): columns
-    (-2..0), (-1..1), (0..2) around each cell, in the perception's dtype (the state's; a max is
-    exact in any)."""
-    a0 = tl.load(rowp + off).to(PERC_T)
-    a1 = tl.load(rowp + off + C).to(PERC_T)
-    a2 = tl.load(rowp + off + 2 * C).to(PERC_T)
-    a3 = tl.load(rowp + off + 3 * C).to(PERC_T)
-    a4 = tl.load(rowp + off + 4 * C).to(PERC_T)
-    m12 = tl.maximum(a1, a2, propagate_nan=NAN)
-    m23 = tl.maximum(a2, a3, propagate_nan=NAN)
-    return tl.maximum(a0, m12, propagate_nan=NAN), tl.maximum(m12, a3, propagate_nan=NAN), \
-        tl.maximum(m23, a4, propagate_nan=NAN)
-
-
-@triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=NAN)
 
@@ -205,23 +190,53 @@ def _round_down(t, DT: tl.constexpr):
 
 
 @triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
 def _interior_keeps(src_tile, pre_tile, W, m, C: tl.constexpr, ALPHA: tl.constexpr, threshold,
-                    PERC_T: tl.constexpr):
+                    PERC_T: tl.constexpr, Q: tl.constexpr):
     """Pending form, interior tile: bit k (= 3*(dy+1) + (dx+1)) of the result says whether neighbour
     (dy, dx) of each cell is alive, from the 5x5 alpha window by separable maxima. They stay in the
     state's dtype and meet the threshold rounded down to it (exact: ``_round_down``): a 16-bit
-    state's maxima are not widened to fp32 (-1.0 warp-instruction a cell, growing fp16)."""
-    ap = src_tile + m * C + ALPHA - 2 * W * C - 2 * C
-    rows = (_window_row(ap, 0, C, PERC_T), _window_row(ap, W * C, C, PERC_T), _window_row(ap, 2 * W * C, C, PERC_T),
-            _window_row(ap, 3 * W * C, C, PERC_T), _window_row(ap, 4 * W * C, C, PERC_T))
-    pp = pre_tile + m
-    bits = tl.zeros(m.shape, tl.int32)
-    for kr in tl.static_range(3):  # neighbour (kr - 1, kc - 1): window rows kr..kr+2, columns kc..kc+2
-        for kc in tl.static_range(3):
-            post = _max3(rows[kr][kc], rows[kr + 1][kc], rows[kr + 2][kc])
-            keep = (post > _round_down(threshold, post.dtype)) & (tl.load(pp + (kr - 1) * W + (kc - 1)) != 0)
-            bits = bits | (keep.to(tl.int32) << (3 * kr + kc))
-    return bits
+    state's maxima are not widened to fp32 (-1.0 warp-instruction a cell, growing fp16).
+
+    An fp32 state's loads hold each cell on Q = 4 threads (its 16 channels as four 128-bit loads), so
+    a window computed per cell ran four times over (the tf32 rollout's 170 ``FMNMX`` a thread a tile).
+    Here part q of a cell takes neighbour columns kb .. kb + NK - 1 (kb = min(q, 3 - NK); Q = 4: one
+    column each, the fourth part repeats the third) and the parts meet in an OR across the cell's
+    threads: growing tf32 rollout step 56.8 -> 53.3 warp-instructions a cell. 16-bit states pass
+    Q = 1 (Q = 2 cost registers: 4 -> 3 CTAs)."""
+    NK: tl.constexpr = (3 + Q - 1) // Q  # neighbour columns per part
+    BW: tl.constexpr = m.shape[0]
+    # One flat [BW * Q] vector (element e: part e % Q of cell e // Q) lays out the same on every
+    # Triton release (its loads have no contiguity to order by; a [BW, Q] tensor's order is a tie
+    # that releases break differently) and reshapes to [BW, Q] with each cell's parts on its Q threads.
+    e = tl.arange(0, BW * Q)
+    kb = tl.minimum(e % Q, 3 - NK)  # this part's first neighbour column
+    # Each row's address is a scalar (uniform) pointer plus one loop-invariant offset per element:
+    # with the row folded into the per-element offsets, the compiler hoists 64-bit offsets for every
+    # row out of the loop (+40 registers).
+    eo = (e // Q) * C + (kb - 2) * C  # window column kb of each cell, from its own
+    rows = ()  # per window row, per part column t: the max over window columns kb+t .. kb+t+2
+    for r in tl.static_range(5):
+        rowp = src_tile + (r - 2) * W * C + ALPHA
+        a = ()
+        for t in tl.static_range(NK + 2):
+            a = a + (tl.load(rowp + eo + t * C).to(PERC_T),)
+        rm = ()
+        for t in tl.static_range(NK):
+            rm = rm + (_max3(a[t], a[t + 1], a[t + 2]),)
+        rows = rows + (rm,)
+    po = e // Q + kb
+    bits = tl.zeros((BW * Q,), tl.int32)
+    for kr in tl.static_range(3):  # neighbour (kr - 1, kb + t - 1): window rows kr..kr+2
+        for t in tl.static_range(NK):
+            post = _max3(rows[kr][t], rows[kr + 1][t], rows[kr + 2][t])
+            keep = (post > _round_down(threshold, post.dtype)) & (tl.load(pre_tile + (kr - 1) * W + po + (t - 1)) != 0)
+            bits = bits | (keep.to(tl.int32) << (3 * kr + t))
+    return tl.reduce(tl.reshape(bits << kb, (BW, Q)), 1, _or)  # (one shift to each part's columns)
 
 
 @triton.jit
@@ -414,7 +429,9 @@ def nca_step_kernel(
         bits = tl.zeros((BW,), tl.int32)  # (pending form) bit k: neighbour k is alive
         if PENDING:
             if INTERIOR:
-                bits = _interior_keeps(tile, src_pre + cell0, W, m, C, ALPHA, threshold, PERC_T)
+                # (an fp32 chunk's CC channels are CC // 4 threads' 128-bit loads a cell)
+                bits = _interior_keeps(tile, src_pre + cell0, W, m, C, ALPHA, threshold, PERC_T,
+                                       CC // 4 if PERC_T == tl.float32 else 1)
                 # (alive(x), the pool, comes from the perception's loads of the alpha channel: the
                 # window's loads then serve one layout only, a second would recompute them)
             else:
