@@ -181,6 +181,23 @@ def test_chunked_mlp(dtype, atol, rtol):
                                model.double().rollout(xd, 2, seed=2, backend="reference"), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("lo, code", [(-0.5, 2), (0.0, 2), (0.1, 1)])
+def test_hidden_clamp_after_the_relu(lo, code):
+    """The hidden clamp follows the ReLU: a lower bound <= 0 does nothing there, so the kernel applies
+    the upper bound only (H_CLAMP 2); a positive one is applied (H_CLAMP 1). Both equal the reference,
+    interior and border tiles; the upper bound is set low enough to bind."""
+    g = torch.Generator().manual_seed(37)
+    spec = nf.texture_spec(hidden_clamp=(lo, 0.15))
+    assert step_config(spec, "ieee").H_CLAMP == code
+    model = random_model(spec, g)
+    x = random_state(spec, g, B=2, H=5, W=67)
+    y = model.step(x, seed=3, backend="triton")
+    torch.testing.assert_close(y, model.step(x, seed=3, backend="reference"), atol=1e-5, rtol=1e-5)
+    unclamped = nf.NCA(nf.texture_spec(hidden_clamp=None), model.state_dict()).requires_grad_(False)
+    unclamped.fp32_matmul = "ieee"
+    assert not torch.equal(y, unclamped.step(x, seed=3, backend="triton"))  # (the clamp binds)
+
+
 def test_interior_tiles_cover_the_grid():
     """Interior tiles (each row's last one overlapping the one before, as the kernel places them)
     cover the interior rectangle exactly, inside the margin; interior + ring = every cell once."""

@@ -135,7 +135,7 @@ class StepConfig:
     HAS_B1: bool
     HAS_B2: bool
     P_CLAMP: bool
-    H_CLAMP: bool
+    H_CLAMP: int  # 0: none; 1: clamp(h, lo, hi); 2: min(h, hi) (lo <= 0 does nothing after the ReLU)
     U_CLAMP: bool
     S_CLAMP: bool
     PRECISION: str  # the dots' (config.kernel_precision)
@@ -242,6 +242,15 @@ def hidden_chunks(hidden: int, CP: int, precision: str) -> Tuple[int, int]:
     return best
 
 
+def _hidden_clamp_code(spec: NCASpec) -> int:
+    """H_CLAMP: the hidden clamp follows the ReLU, so a lower bound <= 0 is a no-op (NaN stays NaN
+    either way) and only the upper bound is applied: one min a hidden value, not a max and a min
+    (texture 12x96, clamp (0, 2): 48 ``FMNMX`` a thread a tile)."""
+    if spec.hidden_clamp is None:
+        return 0
+    return 2 if spec.hidden_clamp[0] <= 0 else 1
+
+
 def step_config(spec: NCASpec, precision: str, loads: Optional[str] = None) -> StepConfig:
     """The step kernel configuration for ``spec`` with its MLP in ``precision``; ``loads``: the
     interior tiles' (INTERIOR_LOADS; default ``interior_loads()``)."""
@@ -264,7 +273,7 @@ def step_config(spec: NCASpec, precision: str, loads: Optional[str] = None) -> S
         C=spec.channels, CP=CP, HP=HP, F=spec.n_filters, TAPS=taps, FSCALE=fscale, NEEDS=needs,
         PAD=PAD_CODES[spec.padding], APAD=APAD_CODES[spec.alive_pool_padding], ALPHA=spec.alive_channel if alive else 0,
         ALIVE=alive, HAS_B1=spec.hidden_bias, HAS_B2=spec.update_bias,
-        P_CLAMP=spec.perception_clamp is not None, H_CLAMP=spec.hidden_clamp is not None,
+        P_CLAMP=spec.perception_clamp is not None, H_CLAMP=_hidden_clamp_code(spec),
         U_CLAMP=spec.update_clamp is not None, S_CLAMP=spec.state_clamp is not None,
         PRECISION=kp, STATE=_STATES[precision], BW=BW, BORDER_BW=BW if CP >= 64 else BORDER_BW, HC=HC,
         CC=min(CP, CHANNEL_CHUNK), SPLIT=kp == "ieee", num_warps=4,

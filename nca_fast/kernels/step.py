@@ -495,8 +495,10 @@ def nca_step_kernel(
                             w1lo = tl.load(w1 + F * CP * HP + rows).to(DOT_T)
                     acc = _mma(pts[f], w1f, w1lo, acc, SPLIT, False, PREC)
             h = _relu_to(acc, DOT_T, FAST)
-            if H_CLAMP:
+            if H_CLAMP == 1:
                 h = _clamp(h, tl.cast(h_lo, DOT_T), tl.cast(h_hi, DOT_T))
+            elif H_CLAMP == 2:  # (a lower bound <= 0: nothing to do after the ReLU)
+                h = tl.minimum(h, tl.cast(h_hi, DOT_T), propagate_nan=NAN).to(h.dtype)
             if INTERIOR:  # (border tiles keep the shuffles: on sm_80 the renamed layer spills there)
                 h = as_a_operand(h, BW, HC)
             dx = _mma(h, w2s[c * NW], w2s[c * NW + NW - 1], dx, SPLIT, False, PREC)
