@@ -126,7 +126,7 @@ class StepConfig:
     HP: int
     F: int
     TAPS: Tuple[float, ...]  # [F][9] taps / FSCALE[f]
-    FSCALE: Tuple[float, ...]  # [F] each filter's scale (a runtime argument; see step.py)
+    FSCALE: Tuple[float, ...]  # [F] each filter's scale (folded into the taps, or a runtime argument: step.py)
     NEEDS: Tuple[int, ...]  # [9] 1 where some filter has a tap (the centre: the residual; all: alive pool)
     PAD: int
     APAD: int
@@ -156,8 +156,8 @@ class StepConfig:
 
     def constexprs(self, pending: bool, has_mask: bool, interior: bool, tma: bool = False) -> dict:
         """The step kernel's constexprs; ``tma``: the launch gives the interior a tensor descriptor."""
-        d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "TAPS", "NEEDS", "PAD", "APAD", "ALPHA", "ALIVE",
-                                           "HAS_B1", "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP", "S_CLAMP",
+        d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "TAPS", "FSCALE", "NEEDS", "PAD", "APAD", "ALPHA",
+                                           "ALIVE", "HAS_B1", "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP", "S_CLAMP",
                                            "W_RESIDENT", "HC", "CC", "SPLIT")}
         # 16-bit states compute perception in 16-bit pairs; the interpreter has no bf16 arithmetic
         perc = "fp32" if self.STATE == "bf16" and interpreting() else self.STATE
@@ -193,8 +193,8 @@ class StepConfig:
         return (1, 2) if self.U_CLAMP or self.S_CLAMP else (0,)
 
     def backward_constexprs(self, has_mask: bool, pass_: int = 0) -> dict:
-        d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "TAPS", "NEEDS", "PAD", "ALPHA", "ALIVE", "HAS_B1",
-                                           "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP", "S_CLAMP", "SPLIT")}
+        d = {k: getattr(self, k) for k in ("C", "CP", "HP", "F", "TAPS", "FSCALE", "NEEDS", "PAD", "ALPHA", "ALIVE",
+                                           "HAS_B1", "HAS_B2", "P_CLAMP", "H_CLAMP", "U_CLAMP", "S_CLAMP", "SPLIT")}
         perc = "fp32" if self.STATE == "bf16" and interpreting() else self.STATE
         d.update(HAS_MASK=has_mask, PERC_T=_PERC_T[perc], FAST=not interpreting(), BW=BACKWARD_BW,
                  HC=self.backward_chunk(), PASS=pass_, GPREC="tf32x3" if self.SPLIT else "tf32",

@@ -242,16 +242,19 @@ def _interior_keeps(src_tile, pre_tile, W, m, C: tl.constexpr, ALPHA: tl.constex
 @triton.jit
 def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, chc, C: tl.constexpr,
               CP: tl.constexpr, CC: tl.constexpr, BW: tl.constexpr, F: tl.constexpr, TAPS: tl.constexpr,
-              NEEDS: tl.constexpr, PAD: tl.constexpr, ALPHA: tl.constexpr, PENDING: tl.constexpr,
-              INTERIOR: tl.constexpr, TRACK: tl.constexpr, P_CLAMP: tl.constexpr, PERC_T: tl.constexpr,
+              FSCALE: tl.constexpr, SCALED: tl.constexpr, BIT_TAPS: tl.constexpr, NEEDS: tl.constexpr,
+              PAD: tl.constexpr, ALPHA: tl.constexpr, PENDING: tl.constexpr, INTERIOR: tl.constexpr,
+              TRACK: tl.constexpr, P_CLAMP: tl.constexpr, PERC_T: tl.constexpr,
               DOT_T: tl.constexpr, desc=None, drow=0, dcol=0, c0=0, TMA: tl.constexpr = False):
     """Perception of channels ``chc`` (one chunk of CC) of a tile -> (F tiles [BW, CC] in the dot
     dtype, scaled and clamped; the centre [BW, CC] in fp32; with TRACK the pre-update pool [BW]).
     Each neighbour is added into the F tiles as it arrives: F + 1 tiles live, not 9. The pending
     form's neighbours are materialised by ``bits`` (bit k: neighbour k alive)."""
+    # (-0.0, not 0.0: -0.0 + v is v for every v, so each filter's first tap folds away; but for a
+    # 16-bit TMA plain step, where that costs 6 warp-instructions a cell: a conversion moves)
     ps = ()
     for _ in tl.static_range(F):
-        ps = ps + (tl.zeros((BW, CC), PERC_T),)
+        ps = ps + (tl.full((BW, CC), -0.0 if SCALED or not TMA else 0.0, PERC_T),)
     alpha_max = tl.full((BW, CC), float("-inf"), PERC_T)
     x = tl.zeros((BW, CC), tl.float32)
     for k in tl.static_range(9):
@@ -271,13 +274,17 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
                 ncell = (bb * H + _wrap(ni, H, PAD)) * W + _wrap(nj, W, PAD)
                 xk = tl.load(src + ncell[:, None] * C + chc[None, :], mask=ok[:, None] & (chc[None, :] < C), other=0.0)
             xk = xk.to(PERC_T)
-            if PENDING:  # (16-bit interior: a select of the constants 1 and 0, not an int-to-half conversion)
+            on = ((bits >> k) & 1) != 0  # (pending form) neighbour k is alive
+            if PENDING and (k == 4 or not BIT_TAPS):  # (the centre: the residual's x and the identity tap)
                 if PERC_T == tl.float32 or not INTERIOR:
-                    xk = xk * (((bits >> k) & 1) != 0).to(PERC_T)[:, None]
-                else:
-                    xk = xk * tl.where(((bits >> k) & 1) != 0, 1.0, 0.0).to(PERC_T)[:, None]
-            if TRACK:
-                alpha_max = tl.maximum(alpha_max, tl.where(chc[None, :] == ALPHA, xk, float("-inf")),
+                    xk = xk * on.to(PERC_T)[:, None]
+                else:  # (16-bit interior: a select of the constants 1 and 0, not an int-to-half conversion)
+                    xk = xk * tl.where(on, 1.0, 0.0).to(PERC_T)[:, None]
+            if TRACK:  # (only the alpha channel's multiply survives: its channel is known per register)
+                xa = xk
+                if PENDING and k != 4 and BIT_TAPS:
+                    xa = tl.where(on[:, None], xk, xk * 0.0)
+                alpha_max = tl.maximum(alpha_max, tl.where(chc[None, :] == ALPHA, xa, float("-inf")),
                                        propagate_nan=NAN)
             if k == 4:
                 x = xk.to(tl.float32)
@@ -285,19 +292,25 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
             for f in tl.static_range(F):
                 if TAPS[f * 9 + k] == 0.0:
                     nps = nps + (ps[f],)
-                elif TAPS[f * 9 + k] == 1.0:
+                elif PENDING and k != 4 and BIT_TAPS:
+                    # A neighbour's alive bit goes into its tap, a value a cell, not into each of
+                    # its channels: x * bit * t is (bit ? t : 0) * x, NaN * 0 included.
+                    nps = nps + (ps[f] + tl.where(on, TAPS[f * 9 + k] * FSCALE[f], 0.0).to(PERC_T)[:, None] * xk,)
+                elif TAPS[f * 9 + k] * (FSCALE[f] if SCALED else 1.0) == 1.0:
                     nps = nps + (ps[f] + xk,)
-                elif TAPS[f * 9 + k] == -1.0:
+                elif TAPS[f * 9 + k] * (FSCALE[f] if SCALED else 1.0) == -1.0:
                     nps = nps + (ps[f] - xk,)
                 else:
-                    nps = nps + (ps[f] + TAPS[f * 9 + k] * xk,)
+                    nps = nps + (ps[f] + (TAPS[f * 9 + k] * (FSCALE[f] if SCALED else 1.0)) * xk,)
             ps = nps
     pool = tl.full((BW,), float("-inf"), tl.float32)
     if TRACK:
         pool = tl.reduce(alpha_max, 1, _max_nan).to(tl.float32)
     pts = ()
     for f in tl.static_range(F):
-        pf = ps[f] * tl.load(fscale + f).to(PERC_T)
+        pf = ps[f]
+        if not SCALED:
+            pf = pf * tl.load(fscale + f).to(PERC_T)
         if P_CLAMP:
             pf = _clamp(pf, tl.cast(p_lo, PERC_T), tl.cast(p_hi, PERC_T))
         pts = pts + (pf.to(DOT_T),)
@@ -313,7 +326,8 @@ def nca_step_kernel(
     step_offset, row0, col0, batch0, fire_threshold, threshold, step_size,
     p_lo, p_hi, h_lo, h_hi, u_lo, u_hi, s_lo, s_hi,
     C: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, F: tl.constexpr, TAPS: tl.constexpr,
-    NEEDS: tl.constexpr, PAD: tl.constexpr, APAD: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr,
+    FSCALE: tl.constexpr, NEEDS: tl.constexpr, PAD: tl.constexpr, APAD: tl.constexpr, ALPHA: tl.constexpr,
+    ALIVE: tl.constexpr,
     PENDING: tl.constexpr, HAS_MASK: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     P_CLAMP: tl.constexpr, H_CLAMP: tl.constexpr, U_CLAMP: tl.constexpr, S_CLAMP: tl.constexpr,
     DOT_T: tl.constexpr, PREC: tl.constexpr, PERC_T: tl.constexpr, FAST: tl.constexpr,
@@ -331,7 +345,8 @@ def nca_step_kernel(
     rectangle. HC / CC: hidden units / input channels per MLP chunk; SPLIT: "ieee" (see ``_mma``).
     ``ctr`` (int64 [2] on the device) holds the seed and the base step, so that a captured CUDA graph
     replays with new values; ``step_offset`` is this launch's step relative to the base.
-    TAPS: [F][9] filter taps divided by the filter's runtime scale ``fscale[f]``; NEEDS: [9] whether
+    TAPS: [F][9] filter taps divided by the filter's scale ``FSCALE[f]`` (folded back into the taps
+    where SCALED, else the runtime ``fscale[f]`` multiplies each sum); NEEDS: [9] whether
     neighbour k (3*(dy+1) + (dx+1)) is loaded. PERC_T: the dtype perception is computed in (the
     state's, 16-bit pairs for 16-bit states). PAD: 0 = zeros, 1 = circular, 2 = replicate; APAD (the
     alive pool's): 0 = outside cells ignored, 1 = circular, 2 = replicate.
@@ -464,10 +479,16 @@ def nca_step_kernel(
                 pool = tl.maximum(pool, a, propagate_nan=NAN)
 
         # ---- perception and the MLP ----------------------------------------------------------------
+        # Filter scales folded into the taps (SCALED), and in an fp32 pending interior the neighbours'
+        # alive bits too (BIT_TAPS); not in a growing model's plain step or border tiles, where
+        # without the runtime scale Triton moves the dot operands' layout conversion up to every
+        # neighbour's load (6 -> 20 barriers a tile), nor in "ieee" (its spills double).
+        SCALED: tl.constexpr = (PENDING and INTERIOR) or not ALIVE
+        BIT_TAPS: tl.constexpr = PENDING and INTERIOR and PERC_T == tl.float32 and not SPLIT
         if NCC == 1:  # one channel chunk: perceived once, for every hidden chunk
             pts, x, pool_c = _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch, C, CP, CC,
-                                       BW, F, TAPS, NEEDS, PAD, ALPHA, PENDING, INTERIOR, PENDING and INTERIOR,
-                                       P_CLAMP, PERC_T, DOT_T, desc, drow, j0, 0, TMA)
+                                       BW, F, TAPS, FSCALE, SCALED, BIT_TAPS, NEEDS, PAD, ALPHA, PENDING, INTERIOR,
+                                       PENDING and INTERIOR, P_CLAMP, PERC_T, DOT_T, desc, drow, j0, 0, TMA)
             if PENDING and INTERIOR:
                 pool = pool_c
         dx = tl.zeros((BW, CP), tl.float32)
@@ -476,8 +497,9 @@ def nca_step_kernel(
             for cc in tl.static_range(NCC):
                 if NCC > 1:  # (perceived again per hidden chunk: its loads hit L1)
                     pts, _, pool_c = _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m,
-                                               cc * CC + ch, C, CP, CC, BW, F, TAPS, NEEDS, PAD, ALPHA, PENDING,
-                                               INTERIOR, PENDING and INTERIOR and c == 0 and cc == ALPHA // CC,
+                                               cc * CC + ch, C, CP, CC, BW, F, TAPS, FSCALE, SCALED, BIT_TAPS, NEEDS,
+                                               PAD, ALPHA, PENDING, INTERIOR,
+                                               PENDING and INTERIOR and c == 0 and cc == ALPHA // CC,
                                                P_CLAMP, PERC_T, DOT_T, desc, drow, j0, cc * CC, TMA)
                     if PENDING and INTERIOR and c == 0 and cc == ALPHA // CC:
                         pool = pool_c

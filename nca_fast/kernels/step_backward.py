@@ -108,7 +108,8 @@ def nca_step_backward_kernel(
     H, W, n_items, items_per_program, step_offset, row0, col0, batch0, fire_threshold, step_size,
     p_lo, p_hi, h_lo, h_hi, u_lo, u_hi, s_lo, s_hi,
     C: tl.constexpr, CP: tl.constexpr, HP: tl.constexpr, F: tl.constexpr, TAPS: tl.constexpr,
-    NEEDS: tl.constexpr, PAD: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr, HAS_MASK: tl.constexpr,
+    FSCALE: tl.constexpr, NEEDS: tl.constexpr, PAD: tl.constexpr, ALPHA: tl.constexpr, ALIVE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, P_CLAMP: tl.constexpr, H_CLAMP: tl.constexpr,
     U_CLAMP: tl.constexpr, S_CLAMP: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
     PERC_T: tl.constexpr, FAST: tl.constexpr, SPLIT: tl.constexpr, GPREC: tl.constexpr, BW: tl.constexpr,
@@ -169,8 +170,8 @@ def nca_step_backward_kernel(
         vmask = valid[:, None] & cmask
         # ---- the forward's perception again (unclamped, then clamped as layer 1 sees it) ----------
         pts, x, _alpha = _perceive(src, src, fscale, tl.zeros((BW,), tl.int32), ii, j, bb, valid, H, W, p_lo, p_hi,
-                                   m, chan, C, CP, CP, BW, F, TAPS, NEEDS, PAD, ALPHA, False, False, False, False,
-                                   PERC_T, DOT_T)
+                                   m, chan, C, CP, CP, BW, F, TAPS, FSCALE, not ALIVE, False, NEEDS, PAD, ALPHA,
+                                   False, False, False, False, PERC_T, DOT_T)
         pcs = ()
         for f in tl.static_range(F):
             pc = pts[f]
