@@ -184,6 +184,10 @@ def test_load_rejects_bad_files(tmp_path):
         load_decoder(other)
     with pytest.raises(FileNotFoundError):
         load_decoder(tmp_path / "missing.safetensors")
+    model_json = tmp_path / "model.json"  # (its first 8 bytes would read as a header length beyond 2**40)
+    model_json.write_text('{"layers": []}')
+    with pytest.raises(ValueError, match="model.json: not a safetensors file but JSON text"):
+        load_decoder(model_json)
 
 
 # ---- Cells-to-Pixels import ---------------------------------------------------------------------

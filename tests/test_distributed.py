@@ -125,27 +125,40 @@ def _cli_worker(rank, world, tmp, argv):
         raise
 
 
-def test_cli_checkpoints_resume_on_other_ranks_bit_for_bit(tmp_path):
-    """8 steps on 2 ranks with a checkpoint at step 4; resumed from it on 3 ranks: the same final state,
-    as the single-process rollout; the image written as one tile per rank."""
-    base = ["growing", "--size", "14x9", "--steps", "8", "--seed", "3", "--backend", "cpu"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    for d in (a, b, tmp_path / "r1", tmp_path / "r2"):
-        d.mkdir()
-    mp.spawn(_cli_worker, args=(2, str(tmp_path / "r1"), base + ["--out", str(a), "--checkpoint-every", "4"]),
-             nprocs=2)
-    (b / "checkpoint").mkdir()
-    for f in (a / "checkpoint").iterdir():
-        (b / "checkpoint" / f.name).write_bytes(f.read_bytes())
-    mp.spawn(_cli_worker, args=(3, str(tmp_path / "r2"), base + ["--out", str(b), "--resume"]), nprocs=3)
-    got_a, index = load_rows(a / "state", 0, 14)
-    got_b, _ = load_rows(b / "state", 0, 14)
-    assert index["step"] == 8 and torch.equal(got_a, got_b)
+def _cli_failing_worker(rank, world, tmp, argv):
+    _init(rank, world, tmp)
+    assert distributed_main(argv) == 2
+
+
+def test_cli_checkpoints_resume_on_other_ranks_bit_for_bit(tmp_path, capfd):
+    """4 steps on 2 ranks with a checkpoint every 2 (the last step's too); resumed from it on 3 ranks
+    to step 8: the single-process rollout's state, bit for bit, the image as one tile per rank. Rerun
+    on 2 ranks into the same folder, it leaves no third rank's shard or tile behind; resuming to fewer
+    steps than the checkpoint's fails."""
+    a = tmp_path / "a"
+    base = ["growing", "--size", "14x9", "--seed", "3", "--backend", "cpu", "--out", str(a)]
+    a.mkdir()
+    for n in range(4):
+        (tmp_path / f"r{n}").mkdir()
+    mp.spawn(_cli_worker, args=(2, str(tmp_path / "r0"), base + ["--steps", "4", "--checkpoint-every", "2",
+                                                                 "--steps-per-exchange", "1"]), nprocs=2)
+    assert json.loads((a / "checkpoint" / "index.json").read_text())["step"] == 4
+    assert json.loads((a / "run.json").read_text())["rank0_exchange"]["rounds"] == 4  # (both segments')
+    mp.spawn(_cli_worker, args=(3, str(tmp_path / "r1"), base + ["--steps", "8", "--resume"]), nprocs=3)
+    got, index = load_rows(a / "state", 0, 14)
     model = nf.NCA(nf.growing_spec(name="growing"))
     with torch.no_grad():
         want = model.rollout(model.seed(1, 14, 9), 8, seed=3, backend="cpu")
-    assert torch.equal(got_a, want)
-    assert sorted(p.name for p in (b / "tiles").iterdir()) == [f"tile-{r:05d}.png" for r in range(3)]
+    assert index["step"] == 8 and json.loads((a / "run.json").read_text())["resumed_from"] == 4
+    assert torch.equal(got, want)
+    assert sorted(p.name for p in (a / "tiles").iterdir()) == [f"tile-{r:05d}.png" for r in range(3)]
+    mp.spawn(_cli_worker, args=(2, str(tmp_path / "r2"), base + ["--steps", "4"]), nprocs=2)
+    assert sorted(p.name for p in (a / "tiles").iterdir()) == [f"tile-{r:05d}.png" for r in range(2)]
+    assert sorted(p.name for p in (a / "state").iterdir()) == ["index.json"] + [f"shard-{r:05d}.safetensors"
+                                                                                 for r in range(2)]
+    capfd.readouterr()
+    mp.spawn(_cli_failing_worker, args=(1, str(tmp_path / "r3"), base + ["--steps", "3", "--resume"]), nprocs=1)
+    assert "is at step 4, beyond --steps 3" in capfd.readouterr().err
 
 
 def _dying_worker(rank, world, tmp):

@@ -84,7 +84,9 @@ def test_safetensors_problems(tmp_path):
     spec = growing_spec(channels=4, hidden=8)
     good = {k: torch.zeros(v) for k, v in spec.parameter_shapes().items()}
     cases = {
-        "foreign": (good, {"format": "other"}, "without nca_fast metadata"),
+        "foreign": (good, {"format": "other"}, "without nca_fast model metadata"),
+        "decoder": (good, {"format": "nca_fast.decoder/1"}, "an nca_fast decoder .*not a model: give it as --decoder"),
+        "trainstate": (good, {"format": "nca_fast.train"}, "training checkpoint .*not a model"),
         "future": (good, {**_meta(spec), "format_version": "99"}, "version '99'"),
         "badspec": (good, {**_meta(spec), "spec": '{"channels": -1, "hidden": 8}'}, "invalid spec"),
         "nospec": (good, {"format": "nca_fast", "format_version": "1"}, "no spec in the metadata"),

@@ -1,8 +1,9 @@
 """``torchrun --nproc-per-node N -m nca_fast.distributed MODEL --size HxW --steps S --out DIR``: a
 sharded rollout. Every rank steps its row block, writes its rows of the final state
 (``DIR/state/``: a file per rank and an index) and of the image (``DIR/tiles/tile-<rank>.png``,
-stacked top to bottom in rank order), and with ``--checkpoint-every N`` a sharded checkpoint that
-``--resume`` continues bit for bit. A rank that fails or loses a peer stops the others within
+stacked top to bottom in rank order), and with ``--checkpoint-every N`` a sharded checkpoint at
+every multiple of N steps (the last step's too) that ``--resume`` continues bit for bit, on any
+number of ranks. A rank that fails or loses a peer stops the others within
 ``--timeout`` seconds with an error, not a hang."""
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ..media import to_frame, write_png
 from ..utils.checks import check_int, check_memory
 from ..utils.files import atomic_write_bytes
 from .rollout import Layout, seed_block, sharded_rollout
-from .shards import load_rows, save_shards
+from .shards import load_rows, remove_stale, save_shards
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,6 +77,9 @@ def run(args) -> int:
         if (index["height"], index["width"], index["seed"], index["model"]) != (H, W, args.seed, model.spec.to_json()):
             raise ValueError(f"{out / 'checkpoint'} is another run (size, seed or model differ)")
         block, start = block.to(device), int(index["step"])
+        if start > args.steps:
+            raise ValueError(f"{out / 'checkpoint'} is at step {start}, beyond --steps {args.steps}: a resumed "
+                             f"run goes on to --steps, it cannot go back")
     else:
         block = seed_block(model, args.batch, lay, device)
     every = args.checkpoint_every or args.steps
@@ -87,13 +91,15 @@ def run(args) -> int:
         block = sharded_rollout(model, block, lay, n, seed=args.seed, start_step=done, backend=backend,
                                 steps_per_exchange_=args.steps_per_exchange, stats=stats)
         done += n
-        if args.checkpoint_every and done < args.steps:
+        if args.checkpoint_every and done % args.checkpoint_every == 0:
             save_shards(out / "checkpoint", block, lay, {"step": done, "seed": args.seed,
                                                          "model": model.spec.to_json()})
     meta = {"step": done, "seed": args.seed, "model": model.spec.to_json()}
     save_shards(out / "state", block, lay, meta)
     (out / "tiles").mkdir(parents=True, exist_ok=True)
     write_png(out / "tiles" / f"tile-{rank:05d}.png", to_frame(model.to_rgb(block)))
+    if rank == 0:
+        remove_stale(out / "tiles", "tile-", ".png", world)
     if rank == 0:
         run_info = {"ranks": world, "size": [H, W], "steps": args.steps, "resumed_from": start,
                     "seconds": (datetime.datetime.now() - t0).total_seconds(), "rank0_exchange": stats}

@@ -100,7 +100,8 @@ def sharded_rollout(model: NCA, block: torch.Tensor, lay: Layout, steps: int, *,
                     group=None, stats: Optional[dict] = None) -> torch.Tensor:
     """``steps`` steps of this rank's ``block`` ``[B, C, lay.rows, lay.width]``; every rank of
     ``group`` calls it with its own block and the same arguments. Returns the new block.
-    ``stats`` (a dict) receives the exchange rounds, rows and bytes sent by this rank."""
+    ``stats`` (a dict) receives the exchange rounds, rows and bytes sent by this rank, added to
+    those it already holds (one dict over a run's segments counts them all)."""
     check_int("steps", steps, 0)
     if tuple(block.shape[2:]) != (lay.rows, lay.width):
         raise ValueError(f"rank {lay.rank}'s block must be [B, C, {lay.rows}, {lay.width}], got {tuple(block.shape)}")
@@ -142,8 +143,9 @@ def sharded_rollout(model: NCA, block: torch.Tensor, lay: Layout, steps: int, *,
             block = torch.cat(parts, dim=2)
             done += kk
     if stats is not None:
-        stats.update(rounds=rounds, steps_per_exchange=k, halo_rows_sent=sent,
+        added = dict(rounds=rounds, halo_rows_sent=sent,
                      bytes_sent=sent * block.shape[0] * block.shape[1] * lay.width * block.element_size())
+        stats.update({key: stats.get(key, 0) + v for key, v in added.items()}, steps_per_exchange=k)
     return block
 
 

@@ -25,6 +25,15 @@ def _shard_name(rank: int) -> str:
     return f"shard-{rank:05d}.safetensors"
 
 
+def remove_stale(folder, prefix: str, suffix: str, world: int) -> None:
+    """Delete ``prefix<rank>suffix`` files of ranks >= ``world``: what a run on more ranks left in
+    ``folder`` (a rerun on fewer would otherwise leave them beside its own)."""
+    for path in Path(folder).glob(f"{prefix}*{suffix}"):
+        digits = path.name[len(prefix):len(path.name) - len(suffix)]
+        if digits.isdigit() and int(digits) >= world:
+            path.unlink(missing_ok=True)
+
+
 def save_shards(folder, block: torch.Tensor, lay: Layout, meta: Dict[str, object], group=None) -> None:
     """Every rank writes its block; rank 0 then writes the index (``meta`` plus the rows of each file)."""
     st = optional_import("safetensors.torch", "formats")
@@ -41,6 +50,7 @@ def save_shards(folder, block: torch.Tensor, lay: Layout, meta: Dict[str, object
                      dtype=str(block.dtype).replace("torch.", ""),
                      shards=[{"file": _shard_name(r), "rows": list(rr)} for r, rr in enumerate(rows)])
         atomic_write_bytes(folder / INDEX, json.dumps(index, indent=1).encode())
+        remove_stale(folder, "shard-", ".safetensors", lay.world)  # (after the index: it no longer names them)
     if dist.is_initialized():
         dist.barrier(group=group)
 

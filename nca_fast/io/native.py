@@ -29,9 +29,16 @@ def save(model: NCA, path) -> None:
 
 def load(path, data: bytes) -> NCA:
     tensors, meta = weights_file.parse(path, data, ModelFormatError)
+    tag = str(meta.get("format"))[:40]
+    if tag.startswith("nca_fast.decoder"):
+        raise ModelFormatError(path, f"an nca_fast decoder (format tag {tag!r}), not a model: give it as "
+                                     "--decoder, or load it with nca_fast.load_decoder")
+    if tag.startswith("nca_fast.train"):
+        raise ModelFormatError(path, f"an nca_fast training checkpoint (format tag {tag!r}), not a model: "
+                                     "`nca-fast train --checkpoint FILE --resume` continues it; the model is --out")
     if meta.get("format") != FORMAT_TAG:
-        raise ModelFormatError(path, "safetensors file without nca_fast metadata (format tag "
-                                     f"{str(meta.get('format'))[:40]!r}); save models with nca_fast.save")
+        raise ModelFormatError(path, f"safetensors file without nca_fast model metadata (format tag {tag!r}); "
+                                     "save models with nca_fast.save")
     version = meta.get("format_version", "")
     if not isinstance(version, str) or not version.isdigit() or int(version) > FORMAT_VERSION:
         raise ModelFormatError(path, f"format version {str(version)[:20]!r} is not supported (this nca_fast "

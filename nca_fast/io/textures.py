@@ -96,7 +96,8 @@ def load(path, obj, name: Optional[str]) -> NCA:
     models = names(path, obj)
     if name is None or name not in models:
         what = (f"has no model {name!r}" if name else
-                f"holds {len(models)} models, pick one by name (--name, or name= in Python)")
+                f"holds {len(models)} models, pick one by name (--name; in `nca-fast bench`, --model-name; "
+                f"name= in Python)")
         raise ModelFormatError(path, f"texture file {what}; available: {listing(models, 80)}")
     layers = obj["layers"]
     if not isinstance(layers, list) or len(layers) != 2:

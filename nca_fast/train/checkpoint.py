@@ -34,7 +34,8 @@ def load(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     except InputFileError as e:
         raise InputFileError(path, f"corrupt training checkpoint ({e.problem})") from None
     if meta.get("format") != FORMAT_TAG:
-        raise InputFileError(path, "not an nca_fast training checkpoint (no format tag)")
+        raise InputFileError(path, "not an nca_fast training checkpoint (format tag "
+                                   f"{str(meta.get('format'))[:40]!r}, expected {FORMAT_TAG!r})")
     try:
         return tensors, json.loads(meta["meta"])
     except (KeyError, ValueError) as e:

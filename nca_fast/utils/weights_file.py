@@ -33,8 +33,10 @@ def read(path, what: str, error: Type[InputFileError] = InputFileError) -> Tuple
 def parse(path, data: bytes, error: Type[InputFileError] = InputFileError) -> Tuple[Dict[str, torch.Tensor], dict]:
     """``(tensors, metadata)`` of safetensors bytes; corrupt input raises ``error`` naming ``path``."""
     st = optional_import("safetensors.torch", "formats")
+    n = int.from_bytes(data[:8], "little")
+    if n >= 2**40 and data.lstrip()[:1] in (b"{", b"["):  # (a safetensors header is not 1 TB long)
+        raise error(path, "not a safetensors file but JSON text (a model's JSON? this needs safetensors)")
     try:
-        n = int.from_bytes(data[:8], "little")
         if not 0 < n <= len(data) - 8:
             raise ValueError(f"header length {n} does not fit in {len(data)} bytes")
         header = json.loads(data[8:8 + n])
