@@ -250,8 +250,8 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
     dtype, scaled and clamped; the centre [BW, CC] in fp32; with TRACK the pre-update pool [BW]).
     Each neighbour is added into the F tiles as it arrives: F + 1 tiles live, not 9. The pending
     form's neighbours are materialised by ``bits`` (bit k: neighbour k alive)."""
-    # (-0.0, not 0.0: -0.0 + v is v for every v, so each filter's first tap folds away; but for a
-    # 16-bit TMA plain step, where that costs 6 warp-instructions a cell: a conversion moves)
+    # (-0.0, not 0.0: -0.0 + v is v for every v, so each filter's first tap folds away; not in a
+    # TMA plain step, where a conversion moves with it: 16-bit 32.1 -> 38.2 warp-instructions a cell)
     ps = ()
     for _ in tl.static_range(F):
         ps = ps + (tl.full((BW, CC), -0.0 if SCALED or not TMA else 0.0, PERC_T),)
@@ -482,8 +482,9 @@ def nca_step_kernel(
         # Filter scales folded into the taps (SCALED), and in an fp32 pending interior the neighbours'
         # alive bits too (BIT_TAPS); not in a growing model's plain step or border tiles, where
         # without the runtime scale Triton moves the dot operands' layout conversion up to every
-        # neighbour's load (6 -> 20 barriers a tile), nor in "ieee" (its spills double).
-        SCALED: tl.constexpr = (PENDING and INTERIOR) or not ALIVE
+        # neighbour's load (6 -> 20 barriers a tile), nor in "ieee" (its spills double), nor in border
+        # tiles with a decoder (sm_80, 16-bit, 4x head: one more spill load or store in the loop).
+        SCALED: tl.constexpr = (PENDING and INTERIOR) or (not ALIVE and (INTERIOR or not DECODE))
         BIT_TAPS: tl.constexpr = PENDING and INTERIOR and PERC_T == tl.float32 and not SPLIT
         if NCC == 1:  # one channel chunk: perceived once, for every hidden chunk
             pts, x, pool_c = _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch, C, CP, CC,
