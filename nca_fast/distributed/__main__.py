@@ -100,7 +100,6 @@ def run(args) -> int:
     write_png(out / "tiles" / f"tile-{rank:05d}.png", to_frame(model.to_rgb(block)))
     if rank == 0:
         remove_stale(out / "tiles", "tile-", ".png", world)
-    if rank == 0:
         run_info = {"ranks": world, "size": [H, W], "steps": args.steps, "resumed_from": start,
                     "seconds": (datetime.datetime.now() - t0).total_seconds(), "rank0_exchange": stats}
         atomic_write_bytes(out / "run.json", json.dumps(run_info, indent=1).encode())

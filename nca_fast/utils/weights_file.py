@@ -34,7 +34,7 @@ def parse(path, data: bytes, error: Type[InputFileError] = InputFileError) -> Tu
     """``(tensors, metadata)`` of safetensors bytes; corrupt input raises ``error`` naming ``path``."""
     st = optional_import("safetensors.torch", "formats")
     n = int.from_bytes(data[:8], "little")
-    if n >= 2**40 and data.lstrip()[:1] in (b"{", b"["):  # (a safetensors header is not 1 TB long)
+    if n >= 2**40 and data[:64].lstrip()[:1] in (b"{", b"["):  # (a safetensors header is not 1 TB long)
         raise error(path, "not a safetensors file but JSON text (a model's JSON? this needs safetensors)")
     try:
         if not 0 < n <= len(data) - 8:
