@@ -159,6 +159,21 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "Rendering at scale 8" in js.with_suffix(".md").read_text()
 
 
+def test_a_second_run_keeps_the_first_runs_files(tmp_path):
+    """The default stem is per device and day: a rerun that day gets -2, -3, ...; --name overwrites."""
+    report = {"device": {"type": "cpu", "name": "cpu", "copy_bandwidth_bytes_per_s": 1e10},
+              "machine": {"cpu": "x", "cpus_usable": 2, "torch_threads": 2}, "versions": {},
+              "nca_fast": "0", "created": "2026-12-02T10:00:00", "results": [], "render": []}
+    first = bench.report.write_all(report, tmp_path, plot_png=False)
+    second = bench.report.write_all({**report, "created": "2026-12-02T11:00:00"}, tmp_path, plot_png=False)
+    assert first["json"].name == "cpu-2core-2026-12-02.json" and second["json"].name == "cpu-2core-2026-12-02-2.json"
+    assert json.loads(first["json"].read_text())["created"].endswith("10:00:00")
+    (tmp_path / "cpu-2core-2026-12-02-3.png").write_bytes(b"")  # any of the three files claims the stem
+    assert bench.report.unused_stem(tmp_path, "cpu-2core-2026-12-02") == "cpu-2core-2026-12-02-4"
+    again = bench.report.write_all(report, tmp_path, "cpu-2core-2026-12-02", plot_png=False)
+    assert again["json"] == first["json"]
+
+
 def test_default_providers_include_the_peers():
     """The default run compares what a user would pick instead: eager PyTorch, torch.compile, CAX."""
     assert {"reference", "compile", "cax"} <= set(bench.DEFAULT_CPU_PROVIDERS) <= set(bench.PROVIDER_NAMES)

@@ -52,6 +52,7 @@ def run_render(device: torch.device, *, min_time: float = 0.5, log: Callable[[st
     x = realistic_state(model, 1, max(H, W), device=device)[:, :, :H, :W].contiguous()
     backends = ["auto"] + (["triton"] if device.type == "cuda" and not step_problem(model.spec, x) else [])
     rows = []
+    log(f"render ({W}x{H} grid, frames of {W * SCALE}x{H * SCALE}):")
     for backend in backends:
         times = {}
         for name, fn in _pipelines(model, x, backend).items():
@@ -63,7 +64,7 @@ def run_render(device: torch.device, *, min_time: float = 0.5, log: Callable[[st
                          "frames_per_s": 1 / s.median,
                          "output_pixels_per_s": H * W * SCALE * SCALE / s.median,
                          "vs_step": s.median / times["step"]})
-            log(f"  render {backend:6s} {name:20s} {s.median * 1e3:9.3f} ms/frame")
+            log(f"  {backend:6s} {name:20s} {s.median * 1e3:9.3f} ms/frame")
     return rows
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from ..utils.files import atomic_output, atomic_write_bytes
 from .render import markdown as render_markdown
@@ -127,10 +127,21 @@ def default_stem(report: dict) -> str:
     return f"{name}-{report['created'][:10]}"
 
 
+def unused_stem(out_dir: Path, stem: str, suffixes: Sequence[str] = (".json", ".md", ".png")) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... : the first that names none of ``out_dir``'s files, so a
+    second run on the same day keeps the first's results (an explicit ``--name`` overwrites)."""
+    candidate, n = stem, 1
+    while any((out_dir / f"{candidate}{s}").exists() for s in suffixes):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
 def write_all(report: dict, out_dir: Path, stem: str = "", plot_png: bool = True) -> Dict[str, Path]:
-    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``; returns the paths."""
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``; returns the paths.
+    Without ``stem``: :func:`default_stem`, made unique in ``out_dir`` (:func:`unused_stem`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or default_stem(report)
+    stem = stem or unused_stem(out_dir, default_stem(report))
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     write_json(report, paths["json"])
     atomic_write_bytes(paths["md"], markdown(report).encode())

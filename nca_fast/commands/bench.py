@@ -13,7 +13,7 @@ from .. import bench
 from ..bench import cases as C
 from ..bench.distributed import distributed_table, run_distributed
 from ..bench.render import run_render
-from ..bench.report import default_stem
+from ..bench.report import default_stem, unused_stem
 from ..bench.suite import device_info, machine_info
 from ..bench.train import TRAIN_PROVIDERS, run_train, train_table
 from ..utils.checks import check_memory, device_arg
@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, help="exactly this many timed steps per measurement")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="bench-results", help="output folder (default: %(default)s)")
-    p.add_argument("--name", default="", help="file stem (default: <device>-<date>)")
+    p.add_argument("--name", default="", help="file stem; overwrites files of that name (default: <device>-<date>, "
+                   "with -2, -3, ... when that day's run is already there)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--no-render", action="store_true",
                    help="skip the high-resolution rendering table (step + pixel-shuffle / LPPN decode)")
@@ -136,8 +137,8 @@ def _run_train(args, device: torch.device, model, size: int, batch: int) -> int:
     report.update(machine=machine_info(), device_info=device_info(device), created=datetime.now().isoformat())
     table = train_table(report)
     print(f"{report['device_info']['name']}\n\n{table}")
-    stem = args.name or default_stem({**report, "device": report["device_info"]}) + "-train"
     out = Path(args.out)
+    stem = args.name or unused_stem(out, default_stem({**report, "device": report["device_info"]}) + "-train")
     atomic_write_bytes(out / f"{stem}.json", json.dumps(report, indent=1).encode())
     atomic_write_bytes(out / f"{stem}.md", f"{report['device_info']['name']}\n\n{table}".encode())
     print(f"\nwrote {out / stem}.json, {out / stem}.md")
@@ -151,8 +152,8 @@ def _run_distributed(args, model, size: int) -> int:
             "device": device_info(torch.device("cpu"))}
     table = distributed_table(report)
     print(f"{info['device']['name']}, gloo\n\n{table}")
-    stem = args.name or default_stem(info) + "-distributed"
     out = Path(args.out)
+    stem = args.name or unused_stem(out, default_stem(info) + "-distributed")
     atomic_write_bytes(out / f"{stem}.json", json.dumps({**info, **report}, indent=1).encode())
     atomic_write_bytes(out / f"{stem}.md", f"{info['device']['name']}, gloo\n\n{table}".encode())
     print(f"\nwrote {out / stem}.json, {out / stem}.md")
