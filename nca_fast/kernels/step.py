@@ -60,6 +60,11 @@ from .operand import as_a_operand, k_order
 from .pixel_shuffle import pixel_shuffle_out
 
 NAN = tl.constexpr(tl.PropagateNan.ALL)  # every min / max keeps NaN, as torch does
+# Triton before 3.9 (the device image runs 3.6) clones even an opaque (``is_pure=False``) inline asm
+# into each layout its users ask for, so ``_pinned`` cannot hold a computation in one layout there;
+# a one-trip ``while`` loop does (layout rematerialisation does not cross an scf.while). 3.9
+# treats the opaque asm as an anchor, and there the loop costs (it splits the loop body's blocks).
+PIN_BY_LOOP = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9))
 # The step's integer arguments, compiled as plain i32 (never specialised on value or on divisibility
 # by 16): one binary per configuration whatever the grid, step or batch offset, instead of a compile
 # per value class (a rollout's step_offset alone is 0, 1 and "other"; seconds each on a GPU host),
@@ -170,8 +175,18 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _max3(a, b, c):
-    return tl.maximum(tl.maximum(a, b, propagate_nan=NAN), c, propagate_nan=NAN)
+def _max3(a, b, c, FAST: tl.constexpr = False):
+    """max(a, b, c), NaN kept. FAST (GPU) with 16-bit values: inline PTX, so that LLVM's SLP
+    vectoriser cannot pair the alive window's scalar maxima into half2 ones, which cost a ``PRMT`` a
+    pair to pack (68 a thread a tile, growing fp16); ptxas still fuses the two into one ``VHMNMX``."""
+    if FAST and a.dtype == tl.float16:
+        return tl.inline_asm_elementwise("{ max.NaN.f16 $0, $1, $2; max.NaN.f16 $0, $0, $3; }", "=h,h,h,h",
+                                         [a, b, c], dtype=tl.float16, is_pure=True, pack=1)
+    elif FAST and a.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("{ max.NaN.bf16 $0, $1, $2; max.NaN.bf16 $0, $0, $3; }", "=h,h,h,h",
+                                         [a, b, c], dtype=tl.bfloat16, is_pure=True, pack=1)
+    else:
+        return tl.maximum(tl.maximum(a, b, propagate_nan=NAN), c, propagate_nan=NAN)
 
 
 @triton.jit
@@ -196,7 +211,7 @@ def _or(a, b):
 
 @triton.jit
 def _interior_keeps(src_tile, pre_tile, W, m, C: tl.constexpr, ALPHA: tl.constexpr, threshold,
-                    PERC_T: tl.constexpr, Q: tl.constexpr):
+                    PERC_T: tl.constexpr, Q: tl.constexpr, FAST: tl.constexpr):
     """Pending form, interior tile: bit k (= 3*(dy+1) + (dx+1)) of the result says whether neighbour
     (dy, dx) of each cell is alive, from the 5x5 alpha window by separable maxima. They stay in the
     state's dtype and meet the threshold rounded down to it (exact: ``_round_down``): a 16-bit
@@ -227,13 +242,13 @@ def _interior_keeps(src_tile, pre_tile, W, m, C: tl.constexpr, ALPHA: tl.constex
             a = a + (tl.load(rowp + eo + t * C).to(PERC_T),)
         rm = ()
         for t in tl.static_range(NK):
-            rm = rm + (_max3(a[t], a[t + 1], a[t + 2]),)
+            rm = rm + (_max3(a[t], a[t + 1], a[t + 2], FAST),)
         rows = rows + (rm,)
     po = e // Q + kb
     bits = tl.zeros((BW * Q,), tl.int32)
     for kr in tl.static_range(3):  # neighbour (kr - 1, kb + t - 1): window rows kr..kr+2
         for t in tl.static_range(NK):
-            post = _max3(rows[kr][t], rows[kr + 1][t], rows[kr + 2][t])
+            post = _max3(rows[kr][t], rows[kr + 1][t], rows[kr + 2][t], FAST)
             keep = (post > _round_down(threshold, post.dtype)) & (tl.load(pre_tile + (kr - 1) * W + po + (t - 1)) != 0)
             bits = bits | (keep.to(tl.int32) << (3 * kr + t))
     return tl.reduce(tl.reshape(bits << kb, (BW, Q)), 1, _or)  # (one shift to each part's columns)
@@ -446,7 +461,7 @@ def nca_step_kernel(
             if INTERIOR:
                 # (an fp32 chunk's CC channels are CC // 4 threads' 128-bit loads a cell)
                 bits = _interior_keeps(tile, src_pre + cell0, W, m, C, ALPHA, threshold, PERC_T,
-                                       CC // 4 if PERC_T == tl.float32 else 1)
+                                       CC // 4 if PERC_T == tl.float32 else 1, FAST)
                 # (alive(x), the pool, comes from the perception's loads of the alpha channel: the
                 # window's loads then serve one layout only, a second would recompute them)
             else:
@@ -548,13 +563,22 @@ def nca_step_kernel(
             c0 = (j + col0).to(tl.uint32, bitcast=True)
             c1 = (ii + row0).to(tl.uint32, bitcast=True)
             c3 = (bb + batch0).to(tl.uint32, bitcast=True)
-            r0, _, _, _ = tl.philox(seed, c0, c1, step + c0 * 0, c3)
-            # One draw a cell (``_pinned``): -2.5 to -3 warp-instructions a cell on every step. Not
-            # where keeping the converted mask costs registers: a TF32 MLP in several hidden chunks
-            # (texture 12x96: 128 -> 147 registers, 4 -> 3 CTAs; 64x256 spilled more) and a border
-            # tile with a decoder's hidden layer (16-bit: spilled 16 B).
-            if FAST and (INTERIOR or DH == 0) and (DOT_T != tl.float32 or NCH == 1):
-                r0 = _pinned(r0)
+            # One draw a cell, where the tile's loads put the cells (``_pinned``): -2.5 to -3
+            # warp-instructions a cell on every step. Not where keeping the converted mask costs
+            # registers: a TF32 MLP in several hidden chunks (texture 12x96: 128 -> 147 registers,
+            # 4 -> 3 CTAs; 64x256 spilled more) and a border tile with a decoder's hidden layer
+            # (16-bit: spilled 16 B).
+            PIN: tl.constexpr = FAST and (INTERIOR or DH == 0) and (DOT_T != tl.float32 or NCH == 1)
+            if PIN and PIN_BY_LOOP and STAGES == 1:  # (a nested loop stops the prefetch's pipelining)
+                r0 = c0
+                once = 0
+                while once < 1:  # (see PIN_BY_LOOP)
+                    r0 = tl.philox(seed, c0, c1, step + c0 * 0, c3)[0]
+                    once += 1
+            else:
+                r0, _, _, _ = tl.philox(seed, c0, c1, step + c0 * 0, c3)
+                if PIN:
+                    r0 = _pinned(r0)
             fire = (r0 >> 8).to(tl.int32) < fire_threshold
 
         # ---- residual, the state clamp, the store ----------------------------------------------
