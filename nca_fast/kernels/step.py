@@ -255,12 +255,35 @@ def _interior_keeps(src_tile, pre_tile, W, m, C: tl.constexpr, ALPHA: tl.constex
 
 
 @triton.jit
+def _clamp_bf16x2(v, lo, hi):
+    """``_clamp`` of bf16 values on a GPU, by pairs: triton 3.6 computes a bf16 min / max in fp32
+    (two conversions and a pack around each pair; texture bf16 step 45.9 -> 40.0 there)."""
+    return tl.inline_asm_elementwise("{ max.NaN.bf16x2 $0, $1, $2; min.NaN.bf16x2 $0, $0, $3; }", "=r,r,r,r",
+                                     [v, lo, hi], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _fma2(acc, t, x):
+    """acc + t * x for 16-bit values, as ``fma.rn`` on the register pairs the loads filled (two
+    adjacent channels of a cell): LLVM's SLP vectoriser re-paired the scalar FMAs of the taps across
+    filters and channels, one ``PRMT`` to pack each such pair (growing fp16 45 a thread a tile,
+    texture bf16 78). Same rounding as the fused scalar form (FP_FUSION); GPU only (FAST)."""
+    if x.dtype == tl.float16:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [t, x, acc],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r", [t, x, acc],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, chc, C: tl.constexpr,
               CP: tl.constexpr, CC: tl.constexpr, BW: tl.constexpr, F: tl.constexpr, TAPS: tl.constexpr,
               FSCALE: tl.constexpr, SCALED: tl.constexpr, BIT_TAPS: tl.constexpr, NEEDS: tl.constexpr,
               PAD: tl.constexpr, ALPHA: tl.constexpr, PENDING: tl.constexpr, INTERIOR: tl.constexpr,
               TRACK: tl.constexpr, P_CLAMP: tl.constexpr, PERC_T: tl.constexpr,
-              DOT_T: tl.constexpr, desc=None, drow=0, dcol=0, c0=0, TMA: tl.constexpr = False):
+              DOT_T: tl.constexpr, desc=None, drow=0, dcol=0, c0=0, TMA: tl.constexpr = False,
+              FAST: tl.constexpr = False):
     """Perception of channels ``chc`` (one chunk of CC) of a tile -> (F tiles [BW, CC] in the dot
     dtype, scaled and clamped; the centre [BW, CC] in fp32; with TRACK the pre-update pool [BW]).
     Each neighbour is added into the F tiles as it arrives: F + 1 tiles live, not 9. The pending
@@ -315,6 +338,9 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
                     nps = nps + (ps[f] + xk,)
                 elif TAPS[f * 9 + k] * (FSCALE[f] if SCALED else 1.0) == -1.0:
                     nps = nps + (ps[f] - xk,)
+                elif FAST and PERC_T != tl.float32:  # (16-bit on a GPU: on the loads' pairs)
+                    t = tl.full((BW, CC), TAPS[f * 9 + k] * (FSCALE[f] if SCALED else 1.0), PERC_T)
+                    nps = nps + (_fma2(ps[f], t, xk),)
                 else:
                     nps = nps + (ps[f] + (TAPS[f * 9 + k] * (FSCALE[f] if SCALED else 1.0)) * xk,)
             ps = nps
@@ -327,7 +353,10 @@ def _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch
         if not SCALED:
             pf = pf * tl.load(fscale + f).to(PERC_T)
         if P_CLAMP:
-            pf = _clamp(pf, tl.cast(p_lo, PERC_T), tl.cast(p_hi, PERC_T))
+            if FAST and PERC_T == tl.bfloat16:
+                pf = _clamp_bf16x2(pf, tl.full(pf.shape, p_lo, PERC_T), tl.full(pf.shape, p_hi, PERC_T))
+            else:
+                pf = _clamp(pf, tl.cast(p_lo, PERC_T), tl.cast(p_hi, PERC_T))
         pts = pts + (pf.to(DOT_T),)
     return pts, x, pool
 
@@ -504,7 +533,7 @@ def nca_step_kernel(
         if NCC == 1:  # one channel chunk: perceived once, for every hidden chunk
             pts, x, pool_c = _perceive(src, tile, fscale, bits, ii, j, bb, valid, H, W, p_lo, p_hi, m, ch, C, CP, CC,
                                        BW, F, TAPS, FSCALE, SCALED, BIT_TAPS, NEEDS, PAD, ALPHA, PENDING, INTERIOR,
-                                       PENDING and INTERIOR, P_CLAMP, PERC_T, DOT_T, desc, drow, j0, 0, TMA)
+                                       PENDING and INTERIOR, P_CLAMP, PERC_T, DOT_T, desc, drow, j0, 0, TMA, FAST)
             if PENDING and INTERIOR:
                 pool = pool_c
         dx = tl.zeros((BW, CP), tl.float32)
@@ -516,7 +545,7 @@ def nca_step_kernel(
                                                cc * CC + ch, C, CP, CC, BW, F, TAPS, FSCALE, SCALED, BIT_TAPS, NEEDS,
                                                PAD, ALPHA, PENDING, INTERIOR,
                                                PENDING and INTERIOR and c == 0 and cc == ALPHA // CC,
-                                               P_CLAMP, PERC_T, DOT_T, desc, drow, j0, cc * CC, TMA)
+                                               P_CLAMP, PERC_T, DOT_T, desc, drow, j0, cc * CC, TMA, FAST)
                     if PENDING and INTERIOR and c == 0 and cc == ALPHA // CC:
                         pool = pool_c
                 if HAS_B1 and cc == 0:  # (after the perception: the accumulator's registers are free till now)

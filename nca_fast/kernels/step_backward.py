@@ -171,7 +171,7 @@ def nca_step_backward_kernel(
         # ---- the forward's perception again (unclamped, then clamped as layer 1 sees it) ----------
         pts, x, _alpha = _perceive(src, src, fscale, tl.zeros((BW,), tl.int32), ii, j, bb, valid, H, W, p_lo, p_hi,
                                    m, chan, C, CP, CP, BW, F, TAPS, FSCALE, not ALIVE, False, NEEDS, PAD, ALPHA,
-                                   False, False, False, False, PERC_T, DOT_T)
+                                   False, False, False, False, PERC_T, DOT_T, FAST=FAST)
         pcs = ()
         for f in tl.static_range(F):
             pc = pts[f]
