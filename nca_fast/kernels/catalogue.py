@@ -45,7 +45,7 @@ HEADS = {"+ps8": (8, 0), "+ps4h32": (4, 32)}  # pixel-shuffle epilogues (scale, 
 # clamp's lower bound dropped after the ReLU; the filter scales folded into the taps, and (fp32 rollout)
 # the neighbours' alive bits too.
 BUDGETS = {
-    ("growing-16x128", "rollout", ("fp16", "bf16")): (30.3, 8, 4),
+    ("growing-16x128", "rollout", ("fp16", "bf16")): (30, 8, 4),
     ("growing-16x128", "rollout", ("tf32",)): (48, 10, 4),
     ("growing-16x128", "single", ("fp16", "bf16")): (23, 6, 4),
     ("growing-16x128", "single", ("tf32",)): (34, 8, 3),  # (3 CTAs: with an explicit mask, 140 registers)
