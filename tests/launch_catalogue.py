@@ -47,7 +47,7 @@ def intercept(self, *args, grid, warmup, **kwargs):
     options, signature, constexprs, _ = self._pack_args(backend, kwargs, bound, specialization, options)
     launches.append((self.fn.__name__, {self.arg_names[k[0]]: v for k, v in constexprs.items()},
                      {n: t for n, t in signature.items() if t != "constexpr"}, options.num_warps,
-                     options.num_stages, launch_of))
+                     options.num_stages, options.maxnreg, launch_of))
 
 
 JITFunction.run = intercept
@@ -99,12 +99,12 @@ def with_defaults(c) -> dict:
 configs = [(c, with_defaults(c)) for c in catalogue.compile_configs()]
 problems = []
 inputs = {}  # (kernel, constexprs) -> the set of compile inputs seen for it
-for i, (fn, ce, sig, warps, stages, where) in enumerate(launches):
-    inputs.setdefault((fn, key(ce)), set()).add((key(sig), warps, stages))
+for i, (fn, ce, sig, warps, stages, maxnreg, where) in enumerate(launches):
+    inputs.setdefault((fn, key(ce)), set()).add((key(sig), warps, stages, maxnreg))
     if i >= published:
         continue  # (decoders at any scale: the catalogue holds representative heads)
     same = [c for c, cce in configs if c.fn.fn.__name__ == fn and c.num_warps == warps and c.num_stages == stages
-            and all(key(cce.get(k)) == key(v) for k, v in ce.items())]
+            and c.maxnreg == maxnreg and all(key(cce.get(k)) == key(v) for k, v in ce.items())]
     if not any(all(c.signature.get(k) == t for k, t in sig.items()) for c in same):
         nearest = same[0] if same else None
         diff = ({k: (t, nearest.signature.get(k)) for k, t in sig.items() if nearest.signature.get(k) != t}

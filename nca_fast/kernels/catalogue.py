@@ -43,7 +43,8 @@ HEADS = {"+ps8": (8, 0), "+ps4h32": (4, 32)}  # pixel-shuffle epilogues (scale, 
 # Set 0.3-2 above the counts and below those before each of: the update mask drawn one cell a thread;
 # (growing rollout) an fp32 state's alive window split over a cell's four threads; (texture) the hidden
 # clamp's lower bound dropped after the ReLU; the filter scales folded into the taps, and (fp32 rollout)
-# the neighbours' alive bits too.
+# the neighbours' alive bits too; (16-bit) the alive window's maxima and the taps' FMAs as inline PTX
+# that LLVM cannot re-pair (step._max3, step._fma2).
 BUDGETS = {
     ("growing-16x128", "rollout", ("fp16", "bf16")): (30, 8, 4),
     ("growing-16x128", "rollout", ("tf32",)): (48, 10, 4),
@@ -147,7 +148,7 @@ def _step(name, model, spec, precision, *, interior, pending, has_mask=False, he
     phase = "rollout" if pending and cfg.ALIVE or not cfg.ALIVE else "single"
     meta = dict(kernel="step", model=model, dtype=precision, phase=phase if not has_mask else "single",
                 interior=interior, cells_per_tile=cfg.tile(interior), head=bool(head), mask=has_mask, loads=loads)
-    return KernelConfig(name, step.nca_step_kernel, sig, ce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    return KernelConfig(name, step.nca_step_kernel, sig, ce, **cfg.launch_options(interior, bool(head)),
                         note=f"{'interior' if interior else 'border'} {cfg.tile(interior)}", meta=meta,
                         targets=("sm_90a",) if tma else tuple(TARGETS))
 

@@ -16,7 +16,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -41,6 +41,7 @@ class KernelConfig:
     constexprs: Dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: Optional[int] = None  # a ptxas register cap (config.register_cap)
     note: str = ""
     targets: tuple = tuple(TARGETS)
     # what it is, for the report and the dump: kernel, model, dtype, phase, interior, cells_per_tile
@@ -141,7 +142,8 @@ def compile_config(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     attrs = {(i,): [["tt.divisibility", 16]] for i in ptrs}
     src = ASTSource(fn=cfg.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **FP_FUSION})
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **FP_FUSION,
+                                       **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import triton
 import triton.language as tl
 
 from ..precision import PRECISIONS
@@ -166,6 +167,12 @@ class StepConfig:
                  FAST=not interpreting(), **self.dot_constexprs())
         return d
 
+    def launch_options(self, interior: bool, head: bool = False) -> dict:
+        """The step kernel's launch (and compile) options: warps, stages and, where measured free, a
+        register cap (``register_cap``)."""
+        cap = register_cap(self, interior, head)
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, **({"maxnreg": cap} if cap else {}))
+
     def finalize_constexprs(self) -> dict:
         return dict(C=self.C, CP=self.CP, ALPHA=self.ALPHA, APAD=self.APAD, BW=self.BW, **self.dot_constexprs())
 
@@ -249,6 +256,25 @@ def _hidden_clamp_code(spec: NCASpec) -> int:
     if spec.hidden_clamp is None:
         return 0
     return 2 if spec.hidden_clamp[0] <= 0 else 1
+
+
+TRITON_RELEASE = tuple(int(v) for v in triton.__version__.split(".")[:2])
+
+
+def register_cap(cfg: StepConfig, interior: bool, head: bool = False) -> Optional[int]:
+    """A ptxas register cap (``maxnreg``) for the step kernel, or None. Only where the SASS showed it
+    free: triton 3.6-3.8 (3.6 is the device image's) build the texture model's TF32 step (16 channels
+    as padded, 96 hidden) with 186-211 registers, 2 CTAs of 4 warps an SM; capped at 168 it holds 3
+    with no spill and 0-3 % more instructions (3.6, sm_90a: interior 188 -> 168 registers at 50.4
+    warp-instructions a cell either way, border 208 -> 165, 175.8 -> 178.9; sm_80 interior 204 ->
+    168). Not with a decoder head or the opt-in interior loads (capped, they spill), nor on 3.9 (128
+    registers uncapped; a cap that does not bind can still move ptxas), nor the growing model's (204
+    on 3.6: capped at 128 it holds 4 CTAs but parks 32 B, 7 local loads / stores a tile: a trade for
+    a GPU run to weigh)."""
+    if (TRITON_RELEASE < (3, 9) and cfg.PRECISION == "tf32" and (cfg.CP, cfg.HP) == (16, 96) and not head
+            and (not interior or cfg.LOADS == "plain")):
+        return 168
+    return None
 
 
 def step_config(spec: NCASpec, precision: str, loads: Optional[str] = None) -> StepConfig:

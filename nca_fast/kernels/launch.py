@@ -212,7 +212,7 @@ def launch_step(cfg: StepConfig, spec: NCASpec, packed, src, src_pre, dst, dst_p
             H, W, n_items, -(-n_tiles // programs), top, bot, left, right,
             step_offset, i32(origin[0]), i32(origin[1]), i32(batch_offset), rng.fire_threshold(fire_rate),
             float(spec.alive_threshold), float(spec.step_size), *_clamp_args(spec),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
+            **cfg.launch_options(interior, head is not None), **FP_FUSION,
             **cfg.constexprs(pending, update_mask is not None, interior, tma=desc is not None), **head_ce)
 
 
