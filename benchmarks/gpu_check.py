@@ -136,6 +136,21 @@ def correctness(report):
 WARM_GRID = (12, 300) if not DRY else (4, 6)
 WARM_LIMIT_S = 180.0
 _LOADS = os.environ.get("NCA_FAST_INTERIOR_LOADS")  # (the sections' default interior loads)
+_CAP = os.environ.get("NCA_FAST_REGISTER_CAP")  # (and register cap)
+# The interior-loads section's variants, "loads" or "loads@cap": INTERIOR_LOADS, and the plain kernel
+# under a register cap of 128 (4 CTAs an SM: whether occupancy pays for spills; config.register_cap).
+LOAD_VARIANTS = tuple(INTERIOR_LOADS) + ("plain@128",)
+
+
+def _set_loads(variant) -> None:
+    """NCA_FAST_INTERIOR_LOADS and NCA_FAST_REGISTER_CAP for ``variant`` ("loads" or "loads@cap");
+    None: the run's own settings."""
+    loads, _, cap = variant.partition("@") if variant else (_LOADS, "", _CAP)
+    for name, value in (("NCA_FAST_INTERIOR_LOADS", loads), ("NCA_FAST_REGISTER_CAP", cap)):
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
 
 
 def warm_tasks() -> list:
@@ -144,7 +159,7 @@ def warm_tasks() -> list:
     decoders per dtype; the mask check's model."""
     tasks = [("forward", name, str(dtype), precision, None)  # (None: the interior loads' default)
              for name, (_, variants) in CHECKED.items() for dtype, precision in variants]
-    tasks += [("forward", "growing", str(dtype), "tf32", loads) for loads in INTERIOR_LOADS if loads != "plain"
+    tasks += [("forward", "growing", str(dtype), "tf32", loads) for loads in LOAD_VARIANTS if loads != "plain"
               for dtype in (torch.float32, torch.float16)]
     tasks += [("backward", name, precision) for name in ("growing", "texture") for precision in ("tf32", "ieee")]
     tasks += [("decode", str(dtype)) for dtype in (torch.float32, torch.float16)] + [("masks",)]
@@ -158,11 +173,8 @@ def warm(task: tuple) -> tuple:
     t0 = time.time()
     try:
         kind, *args = task
-        loads = args[3] if kind == "forward" else None
-        # (a worker runs several tasks: each starts from the setting the sections see)
-        os.environ.pop("NCA_FAST_INTERIOR_LOADS", None)
-        if (loads or _LOADS) is not None:
-            os.environ["NCA_FAST_INTERIOR_LOADS"] = loads or _LOADS
+        # (a worker runs several tasks: each starts from the settings the sections see)
+        _set_loads(args[3] if kind == "forward" else None)
         if kind == "forward":
             name, dtype, precision, _ = args
             model = nf.NCA(CHECKED[name][0], init_seed=0).to(DEV).requires_grad_(False)
@@ -308,24 +320,24 @@ def throughput(report, sizes, steps):
 
 @torch.no_grad()
 def interior_loads(report, steps):
-    """The interior tiles' loads (``NCA_FAST_INTERIOR_LOADS``: plain, prefetch, tma) side by side: a
-    growing-model rollout on LOADS_GRID per state dtype, each against the plain kernel's result (the
-    same arithmetic: expected bit for bit), and whether the tensor descriptor was taken. Decides the
-    default: ``nca-fast kernels`` shows the copies cost instructions and barriers, only a GPU shows
-    whether the overlap pays for them."""
+    """The interior tiles' loads (``NCA_FAST_INTERIOR_LOADS``: plain, prefetch, tma; and the plain
+    kernel under ``NCA_FAST_REGISTER_CAP`` 128) side by side: a growing-model rollout on LOADS_GRID per
+    state dtype, each against the plain kernel's result (the same arithmetic: expected bit for bit),
+    and whether the tensor descriptor was taken. Decides the default: ``nca-fast kernels`` shows the
+    copies cost instructions and barriers and the cap spills, only a GPU shows whether the overlap or
+    the occupancy pays for them."""
     model = nf.NCA(nf.growing_spec(), init_seed=0).to(DEV).requires_grad_(False)
     model.fp32_matmul = "tf32"
     rows = report["interior_loads"] = []
-    before = os.environ.get("NCA_FAST_INTERIOR_LOADS")
     try:
         for dtype, tag in ((torch.float32, "tf32"), (torch.float16, "fp16")):
             x = grown_state(model, 1, *LOADS_GRID, dtype).contiguous(memory_format=torch.channels_last)
             plain = None
-            for loads in INTERIOR_LOADS:
+            for loads in LOAD_VARIANTS:
                 if past_deadline(report, f"interior loads {loads} {tag}"):
                     continue
-                os.environ["NCA_FAST_INTERIOR_LOADS"] = loads
-                roll = model.fused_rollout(x.shape, dtype, steps=steps)  # (reads the setting once)
+                _set_loads(loads)
+                roll = model.fused_rollout(x.shape, dtype, steps=steps)  # (reads the settings once)
                 fn = lambda: roll(x, seed=0)
                 compile_s = _first_call(fn)
                 out = roll(x, seed=0).clone()
@@ -341,10 +353,7 @@ def interior_loads(report, steps):
                 print(rows[-1], flush=True)
                 checkpoint(report)
     finally:
-        if before is None:
-            os.environ.pop("NCA_FAST_INTERIOR_LOADS", None)
-        else:
-            os.environ["NCA_FAST_INTERIOR_LOADS"] = before
+        _set_loads(None)
     for r in rows:
         base = next((q for q in rows if q["dtype"] == r["dtype"] and q["loads"] == "plain"), None)
         r["speedup_vs_plain"] = base["s_per_step"] / r["s_per_step"] if base else None
@@ -509,7 +518,8 @@ def markdown(report) -> str:
                      f"{r['peak_memory_MB']:.0f} | {r['compile_s']:.1f} |")
     if report.get("interior_loads"):
         r0 = report["interior_loads"][0]
-        lines += ["", f"## Interior loads (growing rollout step, {r0['grid']}; NCA_FAST_INTERIOR_LOADS)", "",
+        lines += ["", f"## Interior loads (growing rollout step, {r0['grid']}; NCA_FAST_INTERIOR_LOADS, "
+                  "@cap: NCA_FAST_REGISTER_CAP)", "",
                   "| loads | state | G cell-updates/s | vs plain | TMA used | bit-identical to plain | first call s |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['loads']} | {r['dtype']} | {r['cell_updates_per_s'] / 1e9:.3f} | "

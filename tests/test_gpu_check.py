@@ -21,6 +21,9 @@ def test_gpu_check_dry_run(tmp_path):
         "reference", "triton-tf32 rollout", "triton-tf32 step", "triton-fp16 rollout", "triton-fp16 step"}
     assert all(r["compile_s"] >= 0 for r in report["throughput"]) and "compile_s" in report
     assert len(report["decoders"]) == 2
+    variants = [r["loads"] for r in report["interior_loads"] if r["dtype"] == "tf32"]
+    assert variants == ["plain", "prefetch", "tma", "plain@128"], variants
+    assert all(r["bit_identical_to_plain"] for r in report["interior_loads"])
     pre = report["precompile"]  # (the warm-up ran one task of each kind, in worker processes)
     assert {r["task"].split("/")[0] for r in pre["tasks"]} == {"forward", "backward", "decode", "masks"}
     assert pre["errors"] == [] and pre["workers"] == 2

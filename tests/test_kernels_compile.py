@@ -166,6 +166,12 @@ def test_register_cap_only_where_measured_free(monkeypatch):
                        and "tma" not in n for n in capped), capped
         else:
             assert not capped
+    monkeypatch.setenv("NCA_FAST_REGISTER_CAP", "128")  # (gpu_check's occupancy-against-spills row)
+    assert kconfig.step_config(grow, "tf32").launch_options(True)["maxnreg"] == 128
+    for bad in ("127", "16", "256", "x", "-8"):
+        monkeypatch.setenv("NCA_FAST_REGISTER_CAP", bad)
+        with pytest.raises(ValueError, match="NCA_FAST_REGISTER_CAP must be a multiple of 8"):
+            kconfig.step_config(grow, "tf32")
 
 
 DEVICE_TRITON = "3.6.0"  # the device machines' image (README: "GPU"): what a GPU run compiles with

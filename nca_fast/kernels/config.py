@@ -99,6 +99,19 @@ def interior_loads() -> str:
     return loads
 
 
+def register_cap_setting() -> Optional[int]:
+    """``NCA_FAST_REGISTER_CAP``: a ptxas register cap for every step kernel (a multiple of 8 from 32
+    to 255), instead of ``register_cap``'s rule; unset: the rule. For weighing occupancy against
+    spills on a GPU (``benchmarks/gpu_check.py`` times the growing rollout capped at 128)."""
+    raw = os.environ.get("NCA_FAST_REGISTER_CAP", "").strip()
+    if not raw:
+        return None
+    cap = int(raw) if raw.isdigit() else -1
+    if not 32 <= cap <= 255 or cap % 8:
+        raise ValueError(f"NCA_FAST_REGISTER_CAP must be a multiple of 8 from 32 to 255, got {raw!r}")
+    return cap
+
+
 BW = 64  # interior cells per tile: one row segment; wgmma's M of one warpgroup
 BORDER_BW = 32  # ring cells per border tile (64 from 64 channels): fewer registers for the wrapped address math
 CHANNEL_CHUNK = 16  # input channels per perception pass (layer 1's K loop)
@@ -150,6 +163,7 @@ class StepConfig:
     W_RESIDENT: bool
     num_stages: int = 1  # no software pipelining across tiles (but the interior's with LOADS != "plain")
     LOADS: str = "plain"  # the interior tiles' neighbour loads (INTERIOR_LOADS)
+    REG_CAP: Optional[int] = None  # NCA_FAST_REGISTER_CAP (None: register_cap's rule)
 
     def dot_constexprs(self) -> dict:
         dot_t, prec = dot_types(self.PRECISION)
@@ -271,6 +285,8 @@ def register_cap(cfg: StepConfig, interior: bool, head: bool = False) -> Optiona
     registers uncapped; a cap that does not bind can still move ptxas), nor the growing model's (204
     on 3.6: capped at 128 it holds 4 CTAs but parks 32 B, 7 local loads / stores a tile: a trade for
     a GPU run to weigh)."""
+    if cfg.REG_CAP:
+        return cfg.REG_CAP
     if (TRITON_RELEASE < (3, 9) and cfg.PRECISION == "tf32" and (cfg.CP, cfg.HP) == (16, 96) and not head
             and (not interior or cfg.LOADS == "plain")):
         return 168
@@ -303,7 +319,7 @@ def step_config(spec: NCASpec, precision: str, loads: Optional[str] = None) -> S
         U_CLAMP=spec.update_clamp is not None, S_CLAMP=spec.state_clamp is not None,
         PRECISION=kp, STATE=_STATES[precision], BW=BW, BORDER_BW=BW if CP >= 64 else BORDER_BW, HC=HC,
         CC=min(CP, CHANNEL_CHUNK), SPLIT=kp == "ieee", num_warps=4,
-        W_RESIDENT=weights <= W_RESIDENT_BYTES, LOADS=loads)
+        W_RESIDENT=weights <= W_RESIDENT_BYTES, LOADS=loads, REG_CAP=register_cap_setting())
 
 
 # ---- the decoders -----------------------------------------------------------------------------
