@@ -272,7 +272,7 @@ def _hidden_clamp_code(spec: NCASpec) -> int:
     return 2 if spec.hidden_clamp[0] <= 0 else 1
 
 
-TRITON_RELEASE = tuple(int(v) for v in triton.__version__.split(".")[:2])  # (major, minor)
+TRITON_RELEASE = tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 
 def register_cap(cfg: StepConfig, interior: bool, head: bool = False) -> Optional[int]:

@@ -56,7 +56,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .config import TRITON_RELEASE
 from .operand import as_a_operand, k_order
 from .pixel_shuffle import pixel_shuffle_out
 
@@ -65,7 +64,7 @@ NAN = tl.constexpr(tl.PropagateNan.ALL)  # every min / max keeps NaN, as torch d
 # into each layout its users ask for, so ``_pinned`` cannot hold a computation in one layout there;
 # a one-trip ``while`` loop does (layout rematerialisation does not cross an scf.while). 3.9
 # treats the opaque asm as an anchor, and there the loop costs (it splits the loop body's blocks).
-PIN_BY_LOOP = tl.constexpr(TRITON_RELEASE < (3, 9))
+PIN_BY_LOOP = tl.constexpr(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9))
 # The step's integer arguments, compiled as plain i32 (never specialised on value or on divisibility
 # by 16): one binary per configuration whatever the grid, step or batch offset, instead of a compile
 # per value class (a rollout's step_offset alone is 0, 1 and "other"; seconds each on a GPU host),
